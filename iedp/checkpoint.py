@@ -1,0 +1,118 @@
+"""Self-contained model checkpoints: ``model.safetensors`` plus ``config.json`` (the resolved run config, the class
+names and the configs of the pretrained parts), so ``predict`` and ``evaluate`` need nothing else. Never pickle.
+
+The frozen CLIP text tower is not stored: inference of vpd / implicit / iedp never runs it (the class tokens are
+in the weights), and the ``explicit`` oracle loads it from the weights named in the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+import iedp
+from iedp.config import Config, config_from_dict
+from iedp.errors import InputError
+from iedp.models.build import assemble_model, load_explicit
+from iedp.models.iedp import IEDPModel
+
+FORMAT = "iedp-checkpoint/1"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def model_state(model: IEDPModel) -> dict:
+    """The tensors a checkpoint keeps: everything but the text tower, contiguous, on the CPU."""
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith("explicit.")
+    }
+
+
+def save_model(model: IEDPModel, config: Config, out_dir: str | Path) -> Path:
+    """Write the checkpoint folder atomically: a crash leaves either the old folder or the new one, never half."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "iedp_version": iedp.__version__,
+        "config": config.to_dict(),
+        "class_names": model.class_names,
+        "components": {
+            "unet": dict(model.backbone.unet.config),
+            "vae": dict(model.backbone.vae.config),
+            "image_encoder": model.implicit.image_encoder.config.to_dict(),
+        },
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(model_state(model), tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
+        (tmp / CONFIG_NAME).write_text(
+            json.dumps(meta, indent=2, sort_keys=True, default=list), encoding="utf-8"
+        )
+        for path in tmp.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise InputError(f"checkpoint {path}: expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        meta = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"checkpoint {path / CONFIG_NAME}: not valid JSON ({error})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputError(f"checkpoint {path / CONFIG_NAME}: not an iedp checkpoint (format is not {FORMAT})")
+    return meta
+
+
+def load_model(path: str | Path, with_text: bool = False) -> tuple[IEDPModel, Config]:
+    """Rebuild the model from the checkpoint alone (the text tower from the config's weights if ``with_text``)."""
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    config = config_from_dict(meta["config"])
+    parts = meta["components"]
+    try:
+        state = load_file(path / WEIGHTS_NAME)
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"checkpoint {path / WEIGHTS_NAME}: unreadable safetensors file ({error})") from None
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(parts["unet"])
+        vae = AutoencoderKL.from_config(parts["vae"])
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(parts["image_encoder"]))
+    model = assemble_model(
+        config.model, unet, vae, image_encoder, None, state["class_tokens"], list(meta["class_names"])
+    )
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise InputError(
+            f"checkpoint {path}: weights do not match its config "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]})"
+        )
+    if with_text or config.model.method == "explicit":
+        model.explicit = load_explicit(config.model)
+    return model.eval(), config

@@ -1,0 +1,233 @@
+"""Typed, frozen run configuration: plain dataclasses loaded from YAML, overridable with ``--set key=value``.
+
+A recipe file overrides only what differs from the defaults below. Unknown keys and wrong types are errors that
+name the key (and suggest the closest valid one), so a typo never trains with a default by accident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from iedp.errors import InputError
+
+TASKS = ("seg", "depth")
+METHODS = ("vpd", "implicit", "explicit", "iedp")
+DATASETS = ("synthetic", "ade20k", "nyu")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    task: str = "seg"  # seg | depth
+    method: str = "iedp"  # vpd | implicit | explicit | iedp (DESIGN §1 table)
+    weights: str = "tiny"  # folder with SD v1.5 (unet/, vae/) and clip/, or "tiny" for the tiny preset
+    sd: str | None = None  # overrides the SD part: diffusers folder, .safetensors/.ckpt file or hub id
+    clip: str | None = None  # overrides the CLIP part: transformers folder or hub id
+    classes: str = "ade20k"  # class (seg) or scene (depth) names: ade20k | nyu_scenes | synthetic | synthetic_scenes | a .txt path
+    class_template: str = "a photo of a {}."  # prompt of one class token
+    class_embedding: str = (
+        "projected"  # projected (text_embeds, same space as guidance) | pooled (VPD's un-projected output)
+    )
+    implicit_tokens: str = "pooled"  # pooled: 1 projected image token | patches: all projected patch tokens
+    latent_scale: float = 1.0  # VPD feeds unscaled VAE latents; SD's own factor is 0.18215
+    explicit_weight: float = 1.0  # λ in L = L(implicit) + λ·L(explicit)
+    adapter_gamma_init: float = 1e-4
+    attention_maps: bool = (
+        True  # segmentation: concatenate class cross-attention maps onto the 1/16 and 1/32 features
+    )
+    neck_channels: int = 256  # FPN width
+    head_channels: int = 128  # Semantic-FPN head width
+    dropout: float = 0.1
+    max_depth: float = 10.0  # metres; the depth head outputs sigmoid × max_depth
+    depth_fuse_channels: int = 1536
+    depth_deconv_channels: int = 32
+    depth_head_channels: int = 192
+    gradient_checkpointing: bool = False
+    cache_dir: str | None = None  # where class-token banks are cached; default $IEDP_CACHE or ~/.cache/iedp
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthetic"  # synthetic | ade20k | nyu
+    root: str | None = (
+        None  # dataset root (ADEChallengeData2016/ or the NYUv2 root holding sync/ and official_splits/)
+    )
+    train_list: str | None = None  # NYUv2: list file of training pairs (relative to root or absolute)
+    test_list: str | None = None  # NYUv2: list file of test pairs
+    crop_size: int = 512  # training crop (ADE20K 512; NYUv2 480, padded up to a multiple of pad_multiple)
+    pad_multiple: int = 64  # depth: crops are padded up to a multiple of this (480 -> 512); the UNet needs 64
+    resolution: int = 128  # synthetic scenes: rendered size
+    num_train: int = 1000  # synthetic scenes: training-set size
+    num_val: int = 100  # synthetic scenes: validation-set size
+    max_val: int | None = None  # evaluate on at most this many validation samples (None: all)
+    num_workers: int = 2
+    skip_bad: bool = (
+        False  # skip unreadable training files (counted and named at the end) instead of stopping
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str = "runs/default"  # run folder: checkpoints, logs, metrics
+    max_steps: int = 80000
+    batch_size: int = 2  # per device
+    grad_accum: int = 1
+    lr: float = 8e-5
+    min_lr: float = 0.0  # poly: final lr; rise_fall: the lr it falls to
+    weight_decay: float = 1e-3
+    unet_lr_mult: float = 0.1  # 0.1 segmentation, 0.01 depth
+    schedule: str = "poly"  # poly: linear warm-up then polynomial decay | rise_fall: linear rise to lr, linear fall to min_lr
+    warmup_steps: int = 1500  # poly: warm-up length; rise_fall: steps of the rise
+    warmup_ratio: float = 1e-6  # poly: lr at step 0 is lr × warmup_ratio
+    poly_power: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    grad_clip: float | None = None
+    checkpoint_every: int = 2000
+    checkpoints_total_limit: int | None = 2
+    eval_every: int = 8000
+    log_every: int = 50
+    seed: int = 0
+    max_bad_steps: int = 20  # consecutive non-finite losses before training stops
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    window: int = 512  # segmentation sliding window
+    stride: int = 341
+    short_side: int = 512  # segmentation: images are resized so their short side is this
+    multi_scale: bool = False  # segmentation: ratios below and flips, softmax averaged
+    scales: tuple[float, ...] = (1.0, 1.125, 1.25, 1.375, 1.5)
+    flip: bool = True  # depth: average with the flipped prediction
+    depth_window: int = 480  # depth: square windows (NYUv2: x = 0 and x = 160 on 640-wide frames)
+    depth_stride: int = 160
+    depth_crop: str = "eigen"  # eigen | none
+    batch_size: int = 4  # windows per forward pass
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("model.task", self.model.task, TASKS)
+        _check_choice("model.method", self.model.method, METHODS)
+        _check_choice("data.dataset", self.data.dataset, DATASETS)
+        _check_choice("model.class_embedding", self.model.class_embedding, ("projected", "pooled"))
+        _check_choice("model.implicit_tokens", self.model.implicit_tokens, ("pooled", "patches"))
+        _check_choice("train.schedule", self.train.schedule, ("poly", "rise_fall"))
+        _check_choice("train.mixed_precision", self.train.mixed_precision, ("no", "bf16", "fp16"))
+        _check_choice("eval.depth_crop", self.eval.depth_crop, ("eigen", "none"))
+        if self.data.pad_multiple % 64:
+            raise InputError(f"data.pad_multiple: {self.data.pad_multiple} is not a multiple of 64 (the UNet needs 1/64 maps)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts and lists (YAML/JSON-safe)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InputError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _convert(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's type annotation; YAML ints are accepted for float fields."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(key, value, option)
+            except InputError:
+                pass
+        raise InputError(f"{key}: {value!r} does not have type {annotation}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise InputError(f"{key}: expected a list, got {value!r}")
+        (item_type, _) = typing.get_args(annotation)
+        return tuple(_convert(key, v, item_type) for v in value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (annotation is int and isinstance(value, bool)) or not isinstance(value, annotation):
+        raise InputError(f"{key}: {value!r} is a {type(value).__name__}, expected {annotation.__name__}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise InputError(f"unknown config key {prefix}{key}{hint}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise InputError(f"{prefix}{key}: expected a mapping, got {value!r}")
+            kwargs[key] = _build(annotation, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _convert(f"{prefix}{key}", value, annotation)
+    return cls(**kwargs)
+
+
+def set_dotted(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise InputError(f"--set {assignment!r}: expected dotted.key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise InputError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML recipe (safe loader) and apply ``--set dotted.key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"config {path}: no such file")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise InputError(f"config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise InputError(f"config {path}: expected a mapping of sections, got {type(tree).__name__}")
+    for assignment in overrides:
+        set_dotted(tree, assignment)
+    return config_from_dict(tree)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

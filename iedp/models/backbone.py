@@ -1,0 +1,142 @@
+"""The diffusion backbone: frozen SD VAE encoder + trainable UNet, run once at t=1, read out as a feature pyramid.
+
+Features come from forward hooks on the UNet's up blocks (the input of each upsampler, the output of the last
+block), keyed by their stride in the image; class cross-attention maps come from
+:class:`~iedp.models.attention.ClassAttentionProcessor` installed on the chosen layers by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import nn
+
+from iedp.models.attention import AttentionStore, ClassAttentionProcessor
+
+
+@dataclass
+class BackboneOutput:
+    """``features[stride]``: (B, C_s, H/stride, W/stride), strides 8, 16, 32, 64 for SD's four levels."""
+
+    features: dict[int, torch.Tensor]
+
+
+class DiffusionBackbone(nn.Module):
+    """SD VAE + UNet as a multi-scale feature extractor.
+
+    Args:
+        unet: the (trainable) denoising UNet.
+        vae: the (frozen) autoencoder; only its encoder runs.
+        latent_scale: factor applied to the VAE posterior mean (VPD uses 1.0, SD's own is 0.18215).
+        num_class_tokens: C, the leading context tokens whose attention maps are captured; 0 captures nothing.
+        map_strides: image strides at which attention maps are captured and concatenated onto the features.
+        timestep: the single diffusion timestep the UNet runs at.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        latent_scale: float = 1.0,
+        num_class_tokens: int = 0,
+        map_strides: tuple[int, ...] = (16, 32),
+        timestep: int = 1,
+    ) -> None:
+        super().__init__()
+        self.unet = unet
+        # The noise-prediction output is never used: its layers would be parameters without gradients.
+        unet.conv_norm_out.requires_grad_(False)
+        unet.conv_out.requires_grad_(False)
+        self.vae = vae.requires_grad_(False).eval()
+        self.latent_scale = latent_scale
+        self.timestep = timestep
+        self.vae_stride = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.input_multiple = self.vae_stride * 2 ** (len(unet.config.block_out_channels) - 1)
+
+        # Up block i works at latent stride 2**(n-1-i) with the i-th reversed block width.
+        widths = list(reversed(unet.config.block_out_channels))
+        n = len(unet.up_blocks)
+        self.feature_strides = {i: self.vae_stride * 2 ** (n - 1 - i) for i in range(n)}
+        self._features: dict[int, torch.Tensor] = {}
+        self._hooks = [self._hook_up_block(i, block) for i, block in enumerate(unet.up_blocks)]
+
+        self.store = AttentionStore(num_class_tokens)
+        self.map_strides = tuple(map_strides) if num_class_tokens else ()
+        self.previous_processors = unet.attn_processors
+        if self.map_strides:
+            unet.set_attn_processor(
+                {
+                    name: ClassAttentionProcessor(self.store) if name in self.capture_layers() else proc
+                    for name, proc in self.previous_processors.items()
+                }
+            )
+        self.out_channels = {
+            stride: widths[i] + (num_class_tokens if stride in self.map_strides else 0)
+            for i, stride in self.feature_strides.items()
+        }
+
+    def capture_layers(self) -> list[str]:
+        """Names of the cross-attention processors in down and up blocks at ``map_strides``."""
+        n = len(self.unet.down_blocks)
+        wanted = {s // self.vae_stride for s in self.map_strides}  # latent strides
+        prefixes = [f"down_blocks.{i}." for i in range(n) if 2**i in wanted]
+        prefixes += [f"up_blocks.{i}." for i in range(n) if 2 ** (n - 1 - i) in wanted]
+        return [
+            name
+            for name in self.unet.attn_processors
+            if name.endswith("attn2.processor") and name.startswith(tuple(prefixes))
+        ]
+
+    def remove_capture(self) -> None:
+        """Restore the processors found at construction and drop the feature hooks."""
+        self.unet.set_attn_processor(self.previous_processors)
+        for hook in self._hooks:
+            hook.remove()
+
+    def _hook_up_block(self, index: int, block: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        stride = self.feature_strides[index]
+
+        def keep_input(_module, args):
+            self._features[stride] = args[0]
+
+        def keep_output(_module, _args, output):
+            self._features[stride] = output
+
+        if getattr(block, "upsamplers", None):
+            return block.upsamplers[0].register_forward_pre_hook(keep_input)
+        return block.register_forward_hook(keep_output)
+
+    def train(self, mode: bool = True) -> DiffusionBackbone:
+        super().train(mode)
+        self.vae.eval()  # frozen parts stay in eval mode
+        return self
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8): the scaled posterior mean."""
+        H, W = images.shape[-2:]
+        if H % self.input_multiple or W % self.input_multiple:
+            raise ValueError(f"input size {H}x{W} is not divisible by {self.input_multiple}")
+        images = images.to(self.vae.dtype)
+        return self.vae.encode(images).latent_dist.mean * self.latent_scale
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor) -> BackboneOutput:
+        """latents (B, 4, h, w), context (B, T, D) with the C class tokens first -> features keyed by stride."""
+        B, _, h, w = latents.shape
+        self._features.clear()
+        self.store.clear()
+        timesteps = torch.full((B,), self.timestep, device=latents.device, dtype=torch.long)
+        self.unet(latents.to(self.unet.dtype), timesteps, encoder_hidden_states=context.to(self.unet.dtype))
+        features = {}
+        for stride in sorted(self.feature_strides.values()):
+            feature = self._features[stride]
+            if stride in self.map_strides:
+                s = stride // self.vae_stride
+                maps = self.store.mean((h // s) * (w // s))  # (B, h·w, C)
+                maps = maps.transpose(1, 2).reshape(B, -1, h // s, w // s).to(feature.dtype)
+                feature = torch.cat([feature, maps], dim=1)
+            features[stride] = feature
+        self._features.clear()
+        return BackboneOutput(features=features)

@@ -1,0 +1,192 @@
+"""The task model: guidance -> adapter -> diffusion backbone -> neck/head, for the four methods of DESIGN §1.
+
+| method   | training context                     | inference context                |
+|----------|--------------------------------------|----------------------------------|
+| vpd      | class tokens (seg) / GT scene token  | same                             |
+| implicit | class tokens + implicit token        | same                             |
+| explicit | class tokens + explicit token        | same (an oracle: needs labels)   |
+| iedp     | both branches, losses summed         | implicit only                    |
+
+For depth there are no class-map tokens: the context is the guidance token alone (for ``vpd`` the token of the
+ground-truth scene, or the mean scene token when the scene is unknown).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iedp.config import ModelConfig
+from iedp.models.adapter import TextAdapter
+from iedp.models.backbone import DiffusionBackbone
+from iedp.models.guidance import ExplicitGuidance, ImplicitGuidance
+from iedp.models.heads.depth_head import DepthHead
+from iedp.models.heads.fpn import FPN
+from iedp.models.heads.fpn_head import FPNHead
+from iedp.models.losses import segmentation_loss, silog_loss
+
+logger = logging.getLogger(__name__)
+
+TRAIN_BRANCHES = {
+    "vpd": ("vpd",),
+    "implicit": ("implicit",),
+    "explicit": ("explicit",),
+    "iedp": ("implicit", "explicit"),
+}
+INFER_BRANCH = {"vpd": "vpd", "implicit": "implicit", "explicit": "explicit", "iedp": "implicit"}
+
+
+class IEDPModel(nn.Module):
+    """Segmentation or depth model on a diffusion backbone with implicit / explicit language guidance.
+
+    Args:
+        config: the model section of the run config (task, method, head sizes...).
+        backbone: the diffusion backbone (VAE + UNet), built with ``num_class_tokens`` = C for segmentation.
+        implicit: the frozen CLIP vision branch.
+        explicit: the frozen CLIP text branch, or None where no step needs it (inference of vpd/implicit/iedp).
+        class_tokens: (C, D) class tokens (seg) or scene tokens (depth), in the UNet's context width D.
+        class_names: the C names, in order.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        backbone: DiffusionBackbone,
+        implicit: ImplicitGuidance,
+        explicit: ExplicitGuidance | None,
+        class_tokens: torch.Tensor,
+        class_names: list[str],
+    ) -> None:
+        super().__init__()
+        width = backbone.unet.config.cross_attention_dim
+        if class_tokens.shape != (len(class_names), width):
+            raise ValueError(
+                f"class tokens have shape {tuple(class_tokens.shape)}, expected ({len(class_names)}, {width}) "
+                "(one per class name, in the UNet's cross_attention_dim)"
+            )
+        self.config = config
+        self.task = config.task
+        self.method = config.method
+        self.class_names = list(class_names)
+        self.backbone = backbone
+        self.implicit = implicit
+        self.explicit = explicit
+        self.adapter = TextAdapter(width, config.adapter_gamma_init)
+        self.register_buffer("class_tokens", class_tokens.float().clone())
+        self.strides = sorted(backbone.out_channels)
+        in_channels = [backbone.out_channels[s] for s in self.strides]
+        if self.task == "seg":
+            self.neck = FPN(in_channels, config.neck_channels)
+            self.head = FPNHead(
+                config.neck_channels, self.strides, len(class_names), channels=config.head_channels, dropout=config.dropout
+            )
+        else:
+            self.head = DepthHead(
+                in_channels,
+                max_depth=config.max_depth,
+                deconv_channels=config.depth_deconv_channels,
+                fuse_channels=config.depth_fuse_channels,
+                head_channels=config.depth_head_channels,
+            )
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.backbone.unet
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        parts = [self.backbone.vae, self.implicit]
+        return parts + ([self.explicit] if self.explicit is not None else [])
+
+    # -- context -------------------------------------------------------------------------------------------------
+    def guidance_tokens(self, branch: str, images: torch.Tensor, batch: dict) -> torch.Tensor | None:
+        """(B, T, D) guidance tokens of one branch, or None (VPD segmentation: class tokens only)."""
+        if branch == "implicit":
+            return self.implicit(images)
+        if branch == "explicit":
+            if self.explicit is None:
+                raise RuntimeError(
+                    "the explicit branch needs the CLIP text tower, which this model was built without"
+                )
+            if "prompt" not in batch:
+                raise ValueError("the explicit branch needs label prompts (batch['prompt'])")
+            return self.explicit(list(batch["prompt"])).to(images.device)
+        if self.task == "seg":
+            return None
+        # VPD depth: the scene token of the ground-truth scene; the mean scene token when it is unknown.
+        scene_ids = batch.get("scene_id")
+        if scene_ids is None:
+            scene_ids = torch.full((images.shape[0],), -1, dtype=torch.long)
+        scene_ids = torch.as_tensor(scene_ids, device=images.device)
+        known = scene_ids >= 0
+        tokens = self.class_tokens[scene_ids.clamp(min=0)]
+        tokens = torch.where(known[:, None], tokens, self.class_tokens.mean(dim=0, keepdim=True))
+        return tokens[:, None]
+
+    def context(self, guidance: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """adapter([class tokens; guidance tokens]) -> (B, C + T, D); depth has no class-token part."""
+        parts = [self.class_tokens.expand(batch_size, -1, -1)] if self.task == "seg" else []
+        if guidance is not None:
+            parts.append(guidance.to(self.class_tokens.dtype))
+        return self.adapter(torch.cat(parts, dim=1))
+
+    # -- decoding ------------------------------------------------------------------------------------------------
+    def decode(self, features: dict[int, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Backbone features -> seg logits (B, K, H, W) or depth in metres (B, 1, H, W) at the input size."""
+        pyramid = [features[s] for s in self.strides]
+        if self.task == "seg":
+            logits = self.head(self.neck(pyramid))
+            return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        depth = self.head(pyramid)
+        if depth.shape[-2:] != size:
+            depth = F.interpolate(depth, size=size, mode="bilinear", align_corners=False)
+        return depth
+
+    def run_branches(self, branches: tuple[str, ...], batch: dict) -> dict[str, torch.Tensor]:
+        """Predictions of each branch; branches whose contexts have the same length share one UNet call (2B)."""
+        images = batch["image"]
+        B = images.shape[0]
+        latents = self.backbone.encode(images)
+        contexts = [self.context(self.guidance_tokens(b, images, batch), B) for b in branches]
+        size = tuple(images.shape[-2:])
+        if len(contexts) > 1 and len({c.shape for c in contexts}) == 1:
+            features = self.backbone(latents.repeat(len(contexts), 1, 1, 1), torch.cat(contexts)).features
+            return dict(zip(branches, self.decode(features, size).split(B), strict=True))
+        return {
+            b: self.decode(self.backbone(latents, c).features, size)
+            for b, c in zip(branches, contexts, strict=True)
+        }
+
+    # -- public API ----------------------------------------------------------------------------------------------
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Training losses: ``loss`` (the total to minimise) and ``loss_<branch>`` for each branch."""
+        branches = TRAIN_BRANCHES[self.method]
+        predictions = self.run_branches(branches, batch)
+        losses = {}
+        for branch, prediction in predictions.items():
+            if self.task == "seg":
+                losses[f"loss_{branch}"] = segmentation_loss(prediction, batch["label"])
+            else:
+                losses[f"loss_{branch}"] = silog_loss(prediction, batch["depth"])
+        weights = {"explicit": self.config.explicit_weight if self.method == "iedp" else 1.0}
+        losses["loss"] = sum(weights.get(b, 1.0) * losses[f"loss_{b}"] for b in branches)
+        return losses
+
+    def predict(self, batch: dict) -> torch.Tensor:
+        """Inference with the method's inference context: seg logits (B, K, H, W) or depth (B, 1, H, W), metres."""
+        branch = INFER_BRANCH[self.method]
+        return self.run_branches((branch,), batch)[branch]
+
+    def forward(self, batch: dict, mode: str = "loss") -> dict[str, torch.Tensor] | torch.Tensor:
+        """One entry point so wrappers (DDP) see every call: ``mode`` is "loss" or "predict"."""
+        if mode == "loss":
+            return self.loss(batch)
+        if mode == "predict":
+            return self.predict(batch)
+        raise ValueError(f"mode: {mode!r} is not one of loss, predict")

@@ -1,0 +1,236 @@
+"""The IEDP model on the tiny preset: methods, branches, attention capture, frozen parts, checkpoints."""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from iedp.checkpoint import load_model, save_model
+from iedp.config import Config, ModelConfig, TrainConfig
+from iedp.engine.optim import lr_factor, parameter_groups
+from iedp.errors import InputError
+from iedp.models.build import build_model
+from iedp.models.iedp import TRAIN_BRANCHES
+
+SIZE = 64  # the smallest input the 4-level UNet + VAE (factor 64) accepts
+
+
+def seg_config(method="iedp", **kw):
+    return ModelConfig(
+        task="seg", method=method, classes="synthetic", neck_channels=16, head_channels=16, **kw
+    )
+
+
+def depth_config(method="iedp", **kw):
+    return ModelConfig(
+        task="depth",
+        method=method,
+        classes="synthetic_scenes",
+        depth_fuse_channels=32,
+        depth_head_channels=16,
+        **kw,
+    )
+
+
+def seg_batch(model, B=2, H=SIZE, W=SIZE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.rand(B, 3, H, W, generator=g) * 2 - 1,
+        "label": torch.randint(0, model.num_classes, (B, H, W), generator=g),
+        "prompt": ["a photo of a wall and floor"] * B,
+    }
+
+
+def depth_batch(B=2, H=SIZE, W=SIZE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.rand(B, 3, H, W, generator=g) * 2 - 1,
+        "depth": torch.rand(B, 1, H, W, generator=g) * 5 + 0.5,
+        "prompt": ["a photo of a kitchen"] * B,
+        "scene_id": torch.tensor([1, -1])[:B],
+    }
+
+
+@pytest.fixture(scope="module")
+def seg_model():
+    torch.manual_seed(0)
+    return build_model(seg_config())
+
+
+@pytest.mark.parametrize("method", ["vpd", "implicit", "explicit", "iedp"])
+@pytest.mark.parametrize("task", ["seg", "depth"])
+def test_methods_train_and_predict(task, method):
+    torch.manual_seed(0)
+    cfg = seg_config(method) if task == "seg" else depth_config(method)
+    model = build_model(cfg)
+    batch = seg_batch(model) if task == "seg" else depth_batch()
+    losses = model(batch, mode="loss")
+    assert set(losses) == {"loss"} | {f"loss_{b}" for b in TRAIN_BRANCHES[method]}
+    assert torch.isfinite(losses["loss"]) and losses["loss"] > 0
+    with torch.no_grad():
+        out = model.eval()(batch, mode="predict")
+    expected = (2, model.num_classes, SIZE, SIZE) if task == "seg" else (2, 1, SIZE, SIZE)
+    assert out.shape == expected
+    if task == "depth":
+        assert (out > 0).all() and (out < cfg.max_depth).all()
+
+
+def test_backbone_feature_pyramid(seg_model):
+    backbone = seg_model.backbone
+    C = seg_model.num_classes
+    widths = list(reversed(backbone.unet.config.block_out_channels))
+    assert backbone.out_channels == {8: widths[3], 16: widths[2] + C, 32: widths[1] + C, 64: widths[0]}
+    images = torch.rand(1, 3, 128, 192) * 2 - 1
+    context = seg_model.context(None, 1)
+    features = backbone(backbone.encode(images), context).features
+    assert {s: tuple(f.shape) for s, f in features.items()} == {
+        s: (1, backbone.out_channels[s], 128 // s, 192 // s) for s in (8, 16, 32, 64)
+    }
+    # the class maps are attention probabilities averaged over heads and layers: in [0, 1], summing to <= 1
+    maps = features[16][:, -C:]
+    assert maps.min() >= 0 and maps.sum(dim=1).max() <= 1 + 1e-5
+
+
+def test_capture_processor_matches_stock_and_naive_reference(seg_model):
+    backbone = seg_model.backbone
+    unet = backbone.unet
+    C = seg_model.num_classes
+    torch.manual_seed(1)
+    latents = torch.randn(2, 4, 16, 16)
+    context = seg_model.context(seg_model.implicit(torch.rand(2, 3, 128, 128) * 2 - 1), 2)
+    t = torch.ones(2, dtype=torch.long)
+
+    # Naive reference: softmax(QK^T / sqrt(d)) of every captured layer, from the layer's own inputs.
+    reference: dict[int, list[torch.Tensor]] = {}
+
+    def naive(module, args, kwargs):
+        hidden, encoder = args[0], kwargs["encoder_hidden_states"]
+        q, k = module.to_q(hidden), module.to_k(encoder)
+        B, N, _ = q.shape
+        q = q.view(B, N, module.heads, -1).transpose(1, 2)
+        k = k.view(B, k.shape[1], module.heads, -1).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        reference.setdefault(N, []).append(probs.mean(1)[..., :C])
+
+    layers = [unet.get_submodule(name.removesuffix(".processor")) for name in backbone.capture_layers()]
+    # down blocks 1, 2: L layers each; up blocks 1, 2: L + 1 layers each
+    assert len(layers) == 4 * unet.config.layers_per_block + 2
+    handles = [layer.register_forward_pre_hook(naive, with_kwargs=True) for layer in layers]
+    with torch.no_grad():
+        captured = backbone(latents, context).features
+        ours = unet(latents, t, encoder_hidden_states=context).sample
+    for h in handles:
+        h.remove()
+    for stride, n in ((16, 8 * 8), (32, 4 * 4)):
+        expected = torch.stack(reference[n][: len(reference[n]) // 2]).mean(0)  # first UNet call only
+        side = int(n**0.5)
+        got = captured[stride][:, -C:].reshape(2, C, n).transpose(1, 2)
+        assert side * side == n
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+    processors = unet.attn_processors
+    unet.set_attn_processor(AttnProcessor2_0())
+    try:
+        with torch.no_grad():
+            stock = unet(latents, t, encoder_hidden_states=context).sample
+    finally:
+        unet.set_attn_processor(processors)
+    assert (ours - stock).abs().max() <= 1e-5
+
+
+def test_iedp_branches_reach_unet_and_prompt_matters(seg_model):
+    model = seg_model.train()
+    batch = seg_batch(model)
+    torch.manual_seed(0)
+    losses = model(batch)
+    assert torch.allclose(losses["loss"], losses["loss_implicit"] + losses["loss_explicit"])
+    unet_params = [p for p in model.unet.parameters() if p.requires_grad]
+    for name in ("loss_implicit", "loss_explicit"):
+        grads = torch.autograd.grad(losses[name], unet_params, retain_graph=True, allow_unused=True)
+        assert sum(g.abs().sum() for g in grads if g is not None) > 0, name
+
+    model.eval()  # no dropout: the only difference below is the prompt
+    with torch.no_grad():
+        a = model(batch)["loss_explicit"]
+        b = model({**batch, "prompt": ["a photo of a bed, lamp and sofa"] * 2})["loss_explicit"]
+        c = model({**batch, "prompt": ["a photo of a bed, lamp and sofa"] * 2})["loss_explicit"]
+    assert a != b and b == c
+
+
+def test_explicit_weight_scales_explicit_loss():
+    torch.manual_seed(0)
+    model = build_model(seg_config(explicit_weight=0.25)).eval()
+    with torch.no_grad():
+        losses = model(seg_batch(model))
+    torch.testing.assert_close(losses["loss"], losses["loss_implicit"] + 0.25 * losses["loss_explicit"])
+
+
+def test_iedp_inference_needs_no_labels_and_no_text_tower(seg_model):
+    model = seg_model.eval()
+    explicit, model.explicit = model.explicit, None
+    try:
+        image = torch.rand(1, 3, SIZE, 128) * 2 - 1
+        with torch.no_grad():
+            logits = model({"image": image}, mode="predict")
+        assert logits.shape == (1, model.num_classes, SIZE, 128)
+        with pytest.raises(RuntimeError, match="text tower"):
+            model(seg_batch(model), mode="loss")
+    finally:
+        model.explicit = explicit
+
+
+def test_frozen_parts_have_no_gradients_and_stay_in_eval(seg_model):
+    model = seg_model.train()
+    model.zero_grad()
+    model(seg_batch(model))["loss"].backward()
+    for part in model.frozen_modules():
+        assert not part.training
+        assert all(not p.requires_grad and p.grad is None for p in part.parameters())
+    assert all(not m.training for part in model.frozen_modules() for m in part.modules())
+    assert model.head.training and model.unet.training
+    groups = parameter_groups(model, model.unet, lr=1.0, weight_decay=0.5, unet_lr_mult=0.1)
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    frozen = {id(p) for part in model.frozen_modules() for p in part.parameters()}
+    assert not in_groups & frozen
+    assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["unet"]["lr"] == pytest.approx(0.1) and by_name["head"]["lr"] == 1.0
+    assert by_name["unet_no_decay"]["weight_decay"] == 0 and by_name["head"]["weight_decay"] == 0.5
+    assert all(p.ndim < 2 for p in by_name["head_no_decay"]["params"])
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("task", ["seg", "depth"])
+def test_checkpoint_round_trip_is_exact(task, tmp_path):
+    torch.manual_seed(0)
+    model_cfg = seg_config() if task == "seg" else depth_config("vpd")
+    model = build_model(model_cfg).eval()
+    config = Config(model=model_cfg)
+    save_model(model, config, tmp_path / "ckpt")
+    loaded, loaded_config = load_model(tmp_path / "ckpt")
+    assert loaded_config == config and loaded.explicit is None
+    batch = seg_batch(model) if task == "seg" else depth_batch()
+    with torch.no_grad():
+        assert torch.equal(model(batch, mode="predict"), loaded(batch, mode="predict"))
+    assert all(not p.requires_grad for p in loaded.backbone.vae.parameters())
+
+
+def test_bad_checkpoint_and_weights_paths(tmp_path):
+    with pytest.raises(InputError, match=str(tmp_path)):
+        load_model(tmp_path)
+    with pytest.raises(InputError, match="nowhere"):
+        build_model(dataclasses.replace(seg_config(), weights=str(tmp_path / "nowhere")))
+
+
+def test_lr_schedules():
+    poly = TrainConfig(schedule="poly", lr=1.0, max_steps=100, warmup_steps=10, warmup_ratio=0.0, min_lr=0.0)
+    assert lr_factor(0, poly) == 0.0
+    assert lr_factor(5, poly) == pytest.approx(0.5 * 0.95)
+    assert lr_factor(10, poly) == pytest.approx(0.9)
+    assert lr_factor(100, poly) == 0.0
+    rise = TrainConfig(schedule="rise_fall", lr=5e-4, min_lr=3e-5, max_steps=110, warmup_steps=10)
+    assert lr_factor(0, rise) * 5e-4 == pytest.approx(3e-5)
+    assert lr_factor(10, rise) == pytest.approx(1.0)
+    assert lr_factor(60, rise) * 5e-4 == pytest.approx((5e-4 + 3e-5) / 2)
+    assert lr_factor(110, rise) * 5e-4 == pytest.approx(3e-5)
