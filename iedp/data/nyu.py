@@ -1,0 +1,133 @@
+"""NYUv2 depth in the BTS / VPD / GLPDepth layout (DESIGN §4), read through list files."""
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from iedp.data.images import check_same_size, read_depth_png, read_rgb
+from iedp.data.prompts import match_scene, scene_prompt
+from iedp.data.transforms import DepthTrainTransform, depth_test_transform
+from iedp.errors import InputError
+from iedp.resources import read_names
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    """One list-file line: where it came from and the two files it names."""
+
+    rgb: Path
+    depth: Path
+    line: int
+
+
+def read_list_file(list_file: str | Path, root: str | Path) -> list[ListEntry]:
+    """Parse "rgb depth [focal]" lines; paths are relative to ``root``.
+
+    BTS list files start paths with "/" ("/kitchen_0028b/rgb_00045.jpg"); that slash is read as
+    relative to ``root`` too. The focal length column is ignored, blank lines are skipped, and
+    every named file must exist.
+    """
+    list_file, root = Path(list_file), Path(root)
+    if not list_file.is_file():
+        raise InputError(f"{list_file}: list file not found")
+    entries = []
+    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
+        columns = line.split()
+        if not columns:
+            continue
+        if len(columns) not in (2, 3):
+            raise InputError(
+                f"{list_file}, line {number}: expected 'rgb depth [focal]' (2 or 3 columns), "
+                f"got {len(columns)}: {line.strip()!r}"
+            )
+        rgb, depth = (root / column.lstrip("/") for column in columns[:2])
+        for path in (rgb, depth):
+            if not path.is_file():
+                raise InputError(f"{list_file}, line {number}: file not found: {path}")
+        entries.append(ListEntry(rgb=rgb, depth=depth, line=number))
+    if not entries:
+        raise InputError(f"{list_file}: no entries")
+    return entries
+
+
+class NYUDepthV2(Dataset):
+    """NYUv2 frames named by a list file, as sample dicts.
+
+    Each sample is a dict:
+
+    - ``image``: float32 3×H×W in [-1, 1];
+    - ``depth``: float32 1×H×W metres, 0 = no measurement;
+    - ``scene``: NYU scene type from the RGB file's folder (:func:`match_scene`), "" if unknown;
+    - ``scene_id``: index of ``scene`` in :attr:`scene_names`, -1 if unknown;
+    - ``prompt``: "a photo of a {scene}" (:func:`scene_prompt`), "a photo" if unknown;
+    - ``name``: "<folder>_<rgb stem>" ("kitchen_rgb_00045"): unique across scenes and usable as a
+      flat file name for predictions.
+
+    With ``augment`` the sample goes through :class:`~iedp.data.transforms.DepthTrainTransform`
+    (480×480 crop padded to 512 by default); without it the full frame is returned unpadded
+    (480×640 for the official test split). Augmentation draws from
+    ``numpy.random.default_rng((seed, epoch, index))``; call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        list_file: str | Path,
+        augment: bool = False,
+        transform: DepthTrainTransform | None = None,
+        scene_names: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.entries = read_list_file(list_file, root)
+        self.augment = augment
+        self.transform = transform or DepthTrainTransform()
+        self.scene_names = list(scene_names) if scene_names is not None else read_names("nyu_scenes.txt")
+        self.scenes = [match_scene(entry.rgb.parent.name, self.scene_names) or "" for entry in self.entries]
+        unknown = [
+            entry.rgb.parent.name for entry, scene in zip(self.entries, self.scenes, strict=True) if not scene
+        ]
+        if unknown:
+            logger.warning(
+                "%s: %d of %d frames are in folders with no known scene type (first: %r); "
+                "they get scene_id -1 and the prompt 'a photo'",
+                list_file,
+                len(unknown),
+                len(self.entries),
+                unknown[0],
+            )
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the augmentation stream; call before each epoch."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
+        entry = self.entries[index]
+        image = read_rgb(entry.rgb)
+        depth = read_depth_png(entry.depth)
+        check_same_size(image, entry.rgb, depth, entry.depth)
+        if self.augment:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            image_tensor, depth_tensor = self.transform(image, depth, rng)
+        else:
+            image_tensor, depth_tensor = depth_test_transform(image, depth)
+        scene = self.scenes[index]
+        return {
+            "image": image_tensor,
+            "depth": depth_tensor,
+            "scene": scene,
+            "scene_id": self.scene_names.index(scene) if scene else -1,
+            "prompt": scene_prompt(scene),
+            "name": f"{entry.rgb.parent.name}_{entry.rgb.stem}",
+        }

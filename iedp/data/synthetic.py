@@ -1,0 +1,476 @@
+"""Procedurally rendered indoor scenes with exact labels and metric depth (DESIGN §6).
+
+A pinhole camera stands near the back wall of a box room (floor, ceiling, walls) furnished
+according to a scene type. Every object is built from boxes, spheres and vertical cylinders and
+rendered by :mod:`iedp.data.raycast`, so each pixel gets an exact class and z-depth.
+
+What makes the task learnable rather than a colour lookup:
+
+- each scene type has its own furniture mix (with overlap), so scene prompts and class prompts
+  carry information about the image, and its signature objects are placed in view;
+- an object's colour is drawn around a class hue but widely (a third of the draws ignore the
+  class) and gets a random procedural texture (stripes, checker, value noise), so the class has
+  to be read from shape, size and position (beds against walls, lamps tall and thin, pictures
+  hung on walls...);
+- Lambertian shading from a random point light plus ambient light.
+
+Not modelled: shadows, reflections, anti-aliasing (labels and depth stay exact per pixel).
+Depths stay within 0.5..10 m: rooms are at most 6 × 7 × 3.1 m, objects keep 0.9 m ahead of the
+camera and the field of view is at most 70°.
+"""
+
+import colorsys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from iedp.data.furniture import FURNITURE, Shape
+from iedp.data.prompts import scene_prompt, seg_prompt
+from iedp.data.raycast import (
+    ROOM_FACE_NORMALS,
+    TEXTURES,
+    Camera,
+    Material,
+    Primitive,
+    albedo,
+    cast,
+    surface_normals,
+)
+from iedp.data.transforms import (
+    DepthTrainTransform,
+    SegTrainTransform,
+    depth_test_transform,
+    normalize,
+)
+from iedp.errors import InputError
+
+RENDERER_VERSION = "1"
+"""Bumped whenever the same seed renders a different scene."""
+
+# fmt: off
+SYNTHETIC_CLASSES: tuple[str, ...] = (
+    "wall", "floor", "ceiling", "bed", "table", "chair", "sofa", "lamp", "cabinet", "tv", "plant",
+    "bathtub", "toilet", "sink", "bookshelf", "desk", "refrigerator", "door", "picture",
+)
+SYNTHETIC_SCENES: tuple[str, ...] = ("bedroom", "kitchen", "living_room", "bathroom", "office", "dining_room")
+"""Scene types, spelled as NYUv2 scene names so prompts read the same as on real data."""
+
+# scene -> (required [(class, min count, max count)], optional [(class, probability, max count)])
+_RECIPES: dict[str, tuple[list[tuple[str, int, int]], list[tuple[str, float, int]]]] = {
+    "bedroom": ([("bed", 1, 1)], [
+        ("lamp", 0.6, 1), ("cabinet", 0.5, 2), ("plant", 0.3, 1), ("tv", 0.3, 1), ("chair", 0.3, 1),
+        ("desk", 0.25, 1), ("picture", 0.6, 2), ("door", 0.5, 1), ("bookshelf", 0.2, 1)]),
+    "kitchen": ([("refrigerator", 1, 1), ("cabinet", 1, 3)], [
+        ("sink", 0.8, 1), ("table", 0.5, 1), ("chair", 0.5, 3), ("plant", 0.3, 1), ("lamp", 0.2, 1),
+        ("door", 0.4, 1), ("picture", 0.3, 1)]),
+    "living_room": ([("sofa", 1, 1)], [
+        ("table", 0.7, 1), ("tv", 0.6, 1), ("lamp", 0.5, 2), ("plant", 0.6, 2), ("bookshelf", 0.4, 1),
+        ("chair", 0.4, 2), ("cabinet", 0.3, 1), ("picture", 0.6, 2), ("door", 0.4, 1)]),
+    "bathroom": ([("toilet", 1, 1), ("sink", 1, 1)], [
+        ("bathtub", 0.6, 1), ("cabinet", 0.4, 1), ("plant", 0.2, 1), ("door", 0.5, 1), ("picture", 0.2, 1)]),
+    "office": ([("desk", 1, 2), ("chair", 1, 2)], [
+        ("bookshelf", 0.6, 2), ("cabinet", 0.5, 1), ("lamp", 0.3, 1), ("plant", 0.5, 1), ("tv", 0.3, 1),
+        ("picture", 0.4, 1), ("door", 0.5, 1), ("table", 0.2, 1)]),
+    "dining_room": ([("table", 1, 1), ("chair", 2, 4)], [
+        ("cabinet", 0.5, 1), ("lamp", 0.4, 1), ("plant", 0.4, 1), ("picture", 0.6, 2), ("door", 0.4, 1),
+        ("bookshelf", 0.2, 1), ("sofa", 0.1, 1)]),
+}
+
+# class -> (hue in degrees, saturation range, value range): the centre of a deliberately wide draw
+_PALETTE: dict[str, tuple[float, tuple[float, float], tuple[float, float]]] = {
+    "wall": (40, (0.0, 0.3), (0.6, 0.95)),     "floor": (30, (0.2, 0.6), (0.3, 0.8)),
+    "ceiling": (50, (0.0, 0.12), (0.75, 1.0)), "bed": (220, (0.2, 0.7), (0.4, 0.9)),
+    "table": (30, (0.3, 0.7), (0.25, 0.7)),    "chair": (25, (0.2, 0.8), (0.2, 0.8)),
+    "sofa": (0, (0.3, 0.8), (0.3, 0.8)),       "lamp": (50, (0.1, 0.6), (0.7, 1.0)),
+    "cabinet": (35, (0.2, 0.6), (0.3, 0.85)),  "tv": (220, (0.0, 0.3), (0.03, 0.25)),
+    "plant": (110, (0.4, 0.9), (0.25, 0.7)),   "bathtub": (200, (0.0, 0.15), (0.8, 1.0)),
+    "toilet": (200, (0.0, 0.1), (0.8, 1.0)),   "sink": (200, (0.0, 0.15), (0.7, 1.0)),
+    "bookshelf": (30, (0.3, 0.7), (0.25, 0.7)), "desk": (30, (0.2, 0.6), (0.3, 0.8)),
+    "refrigerator": (200, (0.0, 0.15), (0.6, 0.95)), "door": (30, (0.2, 0.6), (0.35, 0.85)),
+    "picture": (0, (0.3, 0.9), (0.3, 0.9)),
+}
+# fmt: on
+_TEXTURE_PROBS = (0.35, 0.25, 0.15, 0.25)  # plain, stripes, checker, noise
+_CLASS_ID = {name: index for index, name in enumerate(SYNTHETIC_CLASSES)}
+_FACE_CLASS = np.array([_CLASS_ID[name] for name in ("wall", "wall", "floor", "ceiling", "wall", "wall")])
+_MIN_FORWARD = 0.9  # metres between the camera and the nearest footprint, along the room's z
+
+
+@dataclass(frozen=True)
+class SceneSample:
+    """One rendered scene.
+
+    ``rgb`` uint8 H×W×3; ``label`` uint8 H×W indices into :data:`SYNTHETIC_CLASSES` (every pixel
+    labelled); ``depth`` float32 H×W z-depth in metres; ``scene`` one of :data:`SYNTHETIC_SCENES`;
+    ``objects`` the class names of the placed objects (some may be hidden behind others or out of
+    view; the label map is the truth about what is visible).
+    """
+
+    rgb: np.ndarray
+    label: np.ndarray
+    depth: np.ndarray
+    scene: str
+    objects: list[str]
+
+
+# ----------------------------------------------------------------------------- materials
+
+
+def _random_colour(rng: np.random.Generator, class_name: str) -> np.ndarray:
+    hue, saturation, value = _PALETTE[class_name]
+    hue = rng.uniform(0, 360) if rng.random() < 0.3 else hue + rng.normal(0, 35)
+    if rng.random() < 0.3:
+        saturation, value = (0.0, 0.9), (0.15, 1.0)
+    return np.array(colorsys.hsv_to_rgb((hue % 360) / 360, rng.uniform(*saturation), rng.uniform(*value)))
+
+
+def _material(
+    rng: np.random.Generator,
+    class_name: str,
+    texture: str | None = None,
+    axis: np.ndarray | None = None,
+    frequency: tuple[float, float] = (2.0, 12.0),
+) -> Material:
+    """A colour around the class palette with a random (or the given) texture."""
+    colour = _random_colour(rng, class_name)
+    colour2 = colour * rng.uniform(0.45, 0.9) if rng.random() < 0.6 else _random_colour(rng, class_name)
+    if axis is None:
+        axis = np.eye(3)[rng.integers(3)] if rng.random() < 0.6 else rng.normal(size=3)
+    return Material(
+        colour=colour,
+        colour2=colour2,
+        texture=texture or str(rng.choice(TEXTURES, p=_TEXTURE_PROBS)),
+        axis=axis / np.linalg.norm(axis),
+        frequency=float(rng.uniform(*frequency)),
+        lattice=rng.random((8, 8, 8)),
+    )
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclass
+class _Layout:
+    """The room, the camera and the footprints (x0, x1, z0, z1) taken so far."""
+
+    width: float
+    depth: float
+    height: float
+    camera_z: float
+    furniture: list[tuple[float, float, float, float]] = field(default_factory=list)
+    hung: list[tuple[float, float, float, float]] = field(default_factory=list)
+
+    def fits(
+        self, rect: tuple[float, float, float, float], taken: list[tuple[float, float, float, float]]
+    ) -> bool:
+        x0, x1, z0, z1 = rect
+        if x0 < 0 or x1 > self.width or z1 > self.depth or z0 < self.camera_z + _MIN_FORWARD:
+            return False
+        margin = 0.05
+        return not any(
+            x0 < bx1 + margin and bx0 < x1 + margin and z0 < bz1 + margin and bz0 < z1 + margin
+            for bx0, bx1, bz0, bz1 in taken
+        )
+
+
+def _rotate(yaw: float, x: float, z: float) -> tuple[float, float]:
+    """Object frame → world: rotation about +y by ``yaw``."""
+    c, s = np.cos(yaw), np.sin(yaw)
+    return c * x + s * z, -s * x + c * z
+
+
+def _footprint(shape: Shape, x: float, z: float, yaw: float) -> tuple[float, float, float, float]:
+    corners = [_rotate(yaw, sx * shape.width / 2, sz * shape.depth / 2) for sx in (-1, 1) for sz in (-1, 1)]
+    xs, zs = [x + cx for cx, _ in corners], [z + cz for _, cz in corners]
+    return min(xs), max(xs), min(zs), max(zs)
+
+
+def _propose(rng: np.random.Generator, shape: Shape, layout: _Layout) -> tuple[float, float, float]:
+    """A random (x, z, yaw): free objects anywhere, the others backed onto the far, left or right wall."""
+    if shape.mount == "free":
+        return (
+            rng.uniform(0, layout.width),
+            rng.uniform(layout.camera_z, layout.depth),
+            rng.uniform(0, 2 * np.pi),
+        )
+    offset = shape.depth / 2 + 0.001
+    wall = rng.choice(3, p=(0.5, 0.25, 0.25))
+    if wall == 0:  # far wall z = depth, facing -z
+        return rng.uniform(0, layout.width), layout.depth - offset, np.pi
+    along = rng.uniform(layout.camera_z, layout.depth)
+    if wall == 1:  # left wall x = 0, facing +x
+        return offset, along, np.pi / 2
+    return layout.width - offset, along, -np.pi / 2  # right wall x = width, facing -x
+
+
+def _in_view(camera: Camera, half_width: float, x: float, z: float) -> bool:
+    """Whether floor point (x, z), raised 0.5 m, projects into the middle 80% of the image width."""
+    relative = np.array([x, 0.5, z]) - camera.origin
+    forward = relative @ camera.forward
+    return forward > 0 and abs(relative @ camera.right) < 0.8 * half_width * forward
+
+
+def _place(
+    rng: np.random.Generator,
+    shape: Shape,
+    layout: _Layout,
+    camera: Camera,
+    half_width: float,
+    required: bool,
+) -> tuple[float, float, float] | None:
+    """Rejection-sample a free spot; None if none is found.
+
+    A required object first gets 60 tries at spots in view, then 60 anywhere; an optional one
+    gets 15 anywhere. Things hung on walls only avoid each other, furniture only furniture.
+    """
+    taken = layout.hung if shape.mount == "flat" else layout.furniture
+    attempts = [True] * 60 + [False] * 60 if required else [False] * 15
+    for must_be_in_view in attempts:
+        x, z, yaw = _propose(rng, shape, layout)
+        rect = _footprint(shape, x, z, yaw)
+        if layout.fits(rect, taken) and (not must_be_in_view or _in_view(camera, half_width, x, z)):
+            taken.append(rect)
+            return x, z, yaw
+    return None
+
+
+def _object_list(rng: np.random.Generator, scene: str) -> list[tuple[str, bool]]:
+    """(class, required) in placement order: the scene's own objects, then shuffled optional ones.
+
+    Only the minimum count of a scene's own class is required; further copies are optional.
+    """
+    required, optional = _RECIPES[scene]
+    names = [
+        (name, copy < low) for name, low, high in required for copy in range(int(rng.integers(low, high + 1)))
+    ]
+    extras = [
+        name
+        for name, probability, count in optional
+        for _ in range(int(rng.integers(1, count + 1)) if rng.random() < probability else 0)
+    ]
+    rng.shuffle(extras)
+    return names + [(name, False) for name in extras]
+
+
+def _role_material(rng: np.random.Generator, role: str, class_name: str, yaw: float) -> Material:
+    """Material of an object's "main", "accent" or "books" parts; books are many-coloured spines."""
+    if role == "books":
+        along_wall = np.array([np.cos(yaw), 0.0, -np.sin(yaw)])
+        return _material(rng, "picture", texture="stripes", axis=along_wall, frequency=(12.0, 30.0))
+    return _material(rng, class_name)
+
+
+def _to_world(
+    shape: Shape, class_name: str, spot: tuple[float, float, float], rng: np.random.Generator
+) -> list[Primitive]:
+    """World primitives of a placed object; each role (main, accent, books) has its own material."""
+    x, z, yaw = spot
+    materials = {
+        role: _role_material(rng, role, class_name, yaw)
+        for role in dict.fromkeys(p.role for p in shape.parts)
+    }
+    primitives = []
+    for part in shape.parts:
+        px, py, pz = part.center
+        wx, wz = _rotate(yaw, px, pz)
+        primitives.append(
+            Primitive(
+                kind=part.kind,
+                center=np.array([x + wx, py, z + wz]),
+                size=np.array(part.size, dtype=np.float64),
+                yaw=yaw,
+                class_id=_CLASS_ID[class_name],
+                material=materials[part.role],
+            )
+        )
+    return primitives
+
+
+def _room(rng: np.random.Generator, scene: str) -> _Layout:
+    if scene == "bathroom":
+        width, depth = rng.uniform(2.2, 3.4), rng.uniform(2.8, 4.0)
+    elif scene == "kitchen":
+        width, depth = rng.uniform(3.0, 5.0), rng.uniform(3.5, 6.0)
+    else:
+        width, depth = rng.uniform(3.5, 6.0), rng.uniform(4.0, 7.0)
+    return _Layout(width=width, depth=depth, height=rng.uniform(2.4, 3.1), camera_z=rng.uniform(0.15, 0.4))
+
+
+def _camera(rng: np.random.Generator, layout: _Layout, height: int, width: int) -> Camera:
+    """Camera near the back wall, looking into the room slightly downwards; 55–70° across the longer side."""
+    origin = np.array([rng.uniform(0.35, 0.65) * layout.width, rng.uniform(1.2, 1.7), layout.camera_z])
+    yaw, pitch = np.radians(rng.uniform(-20, 20)), np.radians(rng.uniform(-18, -4))
+    fov = np.radians(rng.uniform(55, 70))
+    return Camera.looking(origin, yaw, pitch, focal=max(height, width) / 2 / np.tan(fov / 2))
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def render_scene(seed: int, height: int, width: int) -> SceneSample:
+    """Render the scene of ``seed`` at ``height`` × ``width``; the same seed always gives the same scene.
+
+    Room, furniture, materials and light do not depend on the resolution, so one seed rendered at
+    two sizes shows the same view.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"render size must be positive, got {height}x{width}")
+    rng = np.random.default_rng(seed)
+    scene = SYNTHETIC_SCENES[int(rng.integers(len(SYNTHETIC_SCENES)))]
+    layout = _room(rng, scene)
+    camera = _camera(rng, layout, height, width)
+    half_width = width / 2 / camera.focal
+    room_materials = [_material(rng, SYNTHETIC_CLASSES[class_id]) for class_id in _FACE_CLASS]
+    room_materials[1] = room_materials[4] = room_materials[5] = room_materials[0]  # one wall finish per room
+
+    primitives: list[Primitive] = []
+    objects: list[str] = []
+    for class_name, required in _object_list(rng, scene):
+        shape = FURNITURE[class_name](rng)
+        spot = _place(rng, shape, layout, camera, half_width, required)
+        if spot is not None:
+            primitives.extend(_to_world(shape, class_name, spot, rng))
+            objects.append(class_name)
+
+    light = np.array(
+        [rng.uniform(0.2, 0.8) * layout.width, layout.height - 0.1, rng.uniform(0.2, 0.8) * layout.depth]
+    )
+    light_colour, ambient = rng.uniform(0.9, 1.1, size=3), rng.uniform(0.25, 0.45)
+
+    room_size = np.array([layout.width, layout.height, layout.depth])
+    depth, surface, dirs = cast(camera, room_size, primitives, height, width)
+    points = (camera.origin + depth[..., None] * dirs).reshape(-1, 3)
+    surface = surface.reshape(-1)
+    class_of = np.concatenate([_FACE_CLASS, [p.class_id for p in primitives]]).astype(np.uint8)
+    colour, normals = np.empty_like(points), np.empty_like(points)
+    order = np.argsort(surface, kind="stable")  # pixels grouped by the surface they see
+    keys, starts = np.unique(surface[order], return_index=True)
+    for key, pixels in zip(keys, np.split(order, starts[1:]), strict=True):
+        if key < 0:  # a room face
+            colour[pixels] = albedo(room_materials[key + 6], points[pixels])
+            normals[pixels] = ROOM_FACE_NORMALS[key + 6]
+        else:
+            colour[pixels] = albedo(primitives[key].material, points[pixels])
+            normals[pixels] = surface_normals(primitives[key], points[pixels])
+
+    to_light = light - points
+    distance = np.linalg.norm(to_light, axis=-1)
+    lambert = np.clip((normals * to_light).sum(axis=-1) / distance, 0.0, None) / (1.0 + 0.05 * distance**2)
+    shade = ambient + (1.0 - ambient) * 1.6 * lambert
+    rgb = colour * shade[:, None] * light_colour + rng.normal(0.0, 0.01, size=colour.shape)
+    return SceneSample(
+        rgb=(np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).reshape(height, width, 3),
+        label=class_of[surface + 6].reshape(height, width),
+        depth=depth.astype(np.float32),
+        scene=scene,
+        objects=objects,
+    )
+
+
+# ----------------------------------------------------------------------------- dataset
+
+_SPLITS = ("train", "val")
+_TASKS = ("seg", "depth")
+_SEEDS_PER_SPLIT = 1 << 32
+
+
+class SyntheticScenes(Dataset):
+    """Rendered scenes as sample dicts with the keys of the real datasets, so model and engine code is shared.
+
+    - ``task="seg"``: ``image`` (float32 3×H×W in [-1, 1]), ``label`` (int64 H×W, indices into
+      :data:`SYNTHETIC_CLASSES`), ``prompt`` (classes present, largest first), ``name``;
+      like :class:`~iedp.data.ade20k.ADE20K`.
+    - ``task="depth"``: ``image``, ``depth`` (float32 1×H×W metres), ``scene``, ``scene_id``
+      (index into :data:`SYNTHETIC_SCENES`), ``prompt`` ("a photo of a kitchen"), ``name``;
+      like :class:`~iedp.data.nyu.NYUDepthV2`.
+
+    Sample ``i`` of a split renders scene seed ``(2 × seed + split) × 2**32 + i``, so the train
+    and val splits never share a scene. Rendering happens lazily in ``__getitem__``; with
+    ``cache`` each rendered scene is kept in memory (per DataLoader worker). With ``augment``,
+    segmentation samples get :class:`~iedp.data.transforms.SegTrainTransform` (random rescale
+    0.5–2× of the native size, crop back to it, flip, photometric distortion) and depth samples
+    :class:`~iedp.data.transforms.DepthTrainTransform` (flip and colour jitter at full size),
+    drawing from ``numpy.random.default_rng((seed, split, epoch, index))``.
+    """
+
+    def __init__(
+        self,
+        task: str = "seg",
+        split: str = "train",
+        size: int = 1000,
+        resolution: int | tuple[int, int] = 128,
+        seed: int = 0,
+        augment: bool = False,
+        cache: bool = False,
+    ) -> None:
+        if task not in _TASKS:
+            raise InputError(f"task must be one of {', '.join(_TASKS)}, got {task!r}")
+        if split not in _SPLITS:
+            raise InputError(f"split must be one of {', '.join(_SPLITS)}, got {split!r}")
+        if not 0 < size <= _SEEDS_PER_SPLIT:
+            raise InputError(f"size must be in 1..{_SEEDS_PER_SPLIT}, got {size}")
+        if seed < 0:
+            raise InputError(f"seed must be non-negative, got {seed}")
+        self.task, self.split, self.size, self.seed, self.augment = task, split, size, seed, augment
+        self.resolution = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        self.class_names = list(SYNTHETIC_CLASSES)
+        self.scene_names = list(SYNTHETIC_SCENES)
+        self.epoch = 0
+        self._cache: dict[int, SceneSample] | None = {} if cache else None
+        height, width = self.resolution
+        self.seg_transform = SegTrainTransform(
+            crop_size=(height, width), base_scale=(4 * max(height, width), min(height, width))
+        )
+        self.depth_transform = DepthTrainTransform(crop_size=(height, width), pad_multiple=1)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the augmentation stream; call before each epoch."""
+        self.epoch = epoch
+
+    def scene_seed(self, index: int) -> int:
+        """The :func:`render_scene` seed of sample ``index``."""
+        return (2 * self.seed + _SPLITS.index(self.split)) * _SEEDS_PER_SPLIT + index
+
+    def render(self, index: int) -> SceneSample:
+        """The scene of sample ``index`` before augmentation (cached when enabled)."""
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} samples")
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        sample = render_scene(self.scene_seed(index), *self.resolution)
+        if self._cache is not None:
+            self._cache[index] = sample
+        return sample
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
+        scene = self.render(index)
+        rng = np.random.default_rng((self.seed, _SPLITS.index(self.split), self.epoch, index))
+        name = f"synthetic_{self.split}_{index:06d}"
+        if self.task == "seg":
+            if self.augment:
+                image, label = self.seg_transform(scene.rgb, scene.label, rng)
+            else:
+                image, label = normalize(scene.rgb), torch.from_numpy(scene.label).long()
+            return {
+                "image": image,
+                "label": label,
+                "prompt": seg_prompt(label, self.class_names),
+                "name": name,
+            }
+        if self.augment:
+            image, depth = self.depth_transform(scene.rgb, scene.depth, rng)
+        else:
+            image, depth = depth_test_transform(scene.rgb, scene.depth)
+        return {
+            "image": image,
+            "depth": depth,
+            "scene": scene.scene,
+            "scene_id": self.scene_names.index(scene.scene),
+            "prompt": scene_prompt(scene.scene),
+            "name": name,
+        }

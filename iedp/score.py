@@ -1,0 +1,186 @@
+"""``iedp score seg|depth``: score saved predictions against ground-truth files, matched by file stem.
+
+Segmentation predictions and labels are 8-bit PNG label maps in the dataset's own convention
+(ADE20K: 1..150 with 0 = other, read with reduce-zero-label). Depth predictions are uint16
+millimetre PNGs or ``.npy`` arrays in metres; ground truth is uint16 millimetre PNGs. The metrics
+are those of :mod:`iedp.metrics` (DESIGN §3).
+"""
+
+import argparse
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from iedp.data.images import check_same_size, read_depth_png, read_label
+from iedp.errors import InputError
+from iedp.metrics.depth import CROPS, DEPTH_METRICS, DepthMetric
+from iedp.metrics.segmentation import SegmentationMetric
+from iedp.resources import read_names
+
+_ADE20K_CLASSES = 150
+_PREVIEW = 5
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``score`` on the CLI's subparsers; the parsed namespace carries ``func=run``."""
+    parser = subparsers.add_parser(
+        "score",
+        help="score saved predictions against ground truth",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("task", choices=("seg", "depth"), help="segmentation label maps or depth maps")
+    parser.add_argument("--pred", type=Path, required=True, help="folder of predictions")
+    parser.add_argument("--gt", type=Path, required=True, help="folder of ground truth, same file stems")
+    parser.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=_ADE20K_CLASSES,
+        help="seg: number of classes (default: ADE20K's 150)",
+    )
+    parser.add_argument(
+        "--reduce-zero-label",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="seg: stored 0 is 'other' (ignored) and v means class v-1, the ADE20K convention (default: on)",
+    )
+    parser.add_argument(
+        "--crop", choices=CROPS, default="eigen", help="depth: evaluation crop (eigen needs 480x640 maps)"
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Score, print a table and the summary, optionally write JSON; 0 on success."""
+    if args.task == "seg":
+        pairs = _match(
+            _list(args.pred, (".png",), "prediction"), _list(args.gt, (".png",), "ground-truth"), args
+        )
+        metrics = _score_seg(pairs, args.num_classes, args.reduce_zero_label)
+        _print_seg(metrics, len(pairs))
+    else:
+        pairs = _match(
+            _list(args.pred, (".png", ".npy"), "prediction"), _list(args.gt, (".png",), "ground-truth"), args
+        )
+        metrics = _score_depth(pairs, args.crop)
+        _print_depth(metrics)
+    if args.json is not None:
+        report = {"task": args.task, "pred": str(args.pred), "gt": str(args.gt), "num_images": len(pairs)}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_without_nan({**report, "metrics": metrics}), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _list(folder: Path, suffixes: tuple[str, ...], role: str) -> dict[str, Path]:
+    """Files of ``folder`` with one of ``suffixes``, keyed by stem; a stem may appear only once."""
+    if not folder.is_dir():
+        raise InputError(f"{folder}: {role} folder not found")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in suffixes:
+            if path.stem in files:
+                raise InputError(
+                    f"{folder}: two {role} files for {path.stem!r}: {files[path.stem].name}, {path.name}"
+                )
+            files[path.stem] = path
+    if not files:
+        raise InputError(f"{folder}: no {role} files ({' or '.join(suffixes)})")
+    return files
+
+
+def _preview(names: list[str]) -> str:
+    shown = ", ".join(names[:_PREVIEW])
+    return shown + (f", ... ({len(names) - _PREVIEW} more)" if len(names) > _PREVIEW else "")
+
+
+def _match(preds: dict[str, Path], gts: dict[str, Path], args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """(prediction, ground truth) pairs; every file must have its partner."""
+    missing = sorted(set(gts) - set(preds))
+    extra = sorted(set(preds) - set(gts))
+    problems = []
+    if missing:
+        problems.append(
+            f"{len(missing)} ground-truth file(s) in {args.gt} have no prediction: {_preview(missing)}"
+        )
+    if extra:
+        problems.append(f"{len(extra)} prediction(s) in {args.pred} have no ground truth: {_preview(extra)}")
+    if problems:
+        raise InputError("; ".join(problems))
+    return [(preds[stem], gts[stem]) for stem in sorted(gts)]
+
+
+def _score_seg(pairs: list[tuple[Path, Path]], num_classes: int, reduce_zero_label: bool) -> dict:
+    names = read_names("ade20k_classes.txt") if num_classes == _ADE20K_CLASSES else None
+    metric = SegmentationMetric(num_classes, names)
+    for pred_path, gt_path in pairs:
+        gt = read_label(gt_path, num_classes, reduce_zero_label)
+        pred = read_label(pred_path, num_classes, reduce_zero_label)
+        check_same_size(gt, gt_path, pred, pred_path)
+        metric.update(torch.from_numpy(pred), torch.from_numpy(gt))
+    return metric.compute()
+
+
+def _read_depth_prediction(path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".png":
+        return read_depth_png(path)
+    try:
+        depth = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot read .npy depth ({err})") from err
+    depth = depth[0] if depth.ndim == 3 and depth.shape[0] == 1 else depth
+    if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.number):
+        raise InputError(f"{path}: expected an H×W array of metres, got {depth.dtype} of shape {depth.shape}")
+    return depth.astype(np.float32)
+
+
+def _score_depth(pairs: list[tuple[Path, Path]], crop: str) -> dict:
+    metric = DepthMetric(crop=crop)
+    for pred_path, gt_path in pairs:
+        gt = read_depth_png(gt_path)
+        pred = _read_depth_prediction(pred_path)
+        check_same_size(gt, gt_path, pred, pred_path)
+        try:
+            metric.update(torch.from_numpy(pred), torch.from_numpy(gt))
+        except ValueError as err:
+            raise InputError(f"{gt_path}: {err}") from err
+    return metric.compute()
+
+
+def _fmt(value: float) -> str:
+    return "    -" if math.isnan(value) else f"{value:6.2f}"
+
+
+def _print_seg(metrics: dict, num_images: int) -> None:
+    width = max(len(name) for name in metrics["IoU"])
+    print(f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}")
+    for name, iou in metrics["IoU"].items():
+        print(f"{name:<{width}}  {_fmt(iou)}  {_fmt(metrics['Acc'][name])}")
+    print(
+        f"\n{num_images} images: aAcc {_fmt(metrics['aAcc']).strip()}  mIoU {_fmt(metrics['mIoU']).strip()}  "
+        f"mAcc {_fmt(metrics['mAcc']).strip()}"
+    )
+
+
+def _print_depth(metrics: dict) -> None:
+    print("  ".join(f"{key:>8}" for key in DEPTH_METRICS))
+    print("  ".join(f"{metrics[key]:8.4f}" for key in DEPTH_METRICS))
+    print(
+        f"\n{metrics['count']} images: d1 {metrics['d1']:.4f}  abs_rel {metrics['abs_rel']:.4f}  rmse {metrics['rmse']:.4f}"
+    )
+
+
+def _without_nan(value: object) -> object:
+    """JSON has no NaN: classes without pixels become null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _without_nan(item) for key, item in value.items()}
+    if isinstance(value, Iterable) and not isinstance(value, str):
+        return [_without_nan(item) for item in value]
+    return value
