@@ -45,6 +45,7 @@ class ModelConfig:
     neck_channels: int = 256  # FPN width
     head_channels: int = 128  # Semantic-FPN head width
     dropout: float = 0.1
+    head_norm: str = "bn"  # bn (SyncBN across GPUs, as VPD) | gn (independent of how the batch is split)
     max_depth: float = 10.0  # metres; the depth head outputs sigmoid × max_depth
     depth_fuse_channels: int = 1536
     depth_deconv_channels: int = 32
@@ -67,7 +68,9 @@ class DataConfig:
     num_train: int = 1000  # synthetic scenes: training-set size
     num_val: int = 100  # synthetic scenes: validation-set size
     max_val: int | None = None  # evaluate on at most this many validation samples (None: all)
+    seed: int = 0  # synthetic scenes and augmentation streams
     num_workers: int = 2
+    augment: bool = True  # training augmentation; false (synthetic scenes only) uses samples as rendered
     skip_bad: bool = (
         False  # skip unreadable training files (counted and named at the end) instead of stopping
     )
@@ -124,11 +127,14 @@ class Config:
         _check_choice("data.dataset", self.data.dataset, DATASETS)
         _check_choice("model.class_embedding", self.model.class_embedding, ("projected", "pooled"))
         _check_choice("model.implicit_tokens", self.model.implicit_tokens, ("pooled", "patches"))
+        _check_choice("model.head_norm", self.model.head_norm, ("bn", "gn"))
         _check_choice("train.schedule", self.train.schedule, ("poly", "rise_fall"))
         _check_choice("train.mixed_precision", self.train.mixed_precision, ("no", "bf16", "fp16"))
         _check_choice("eval.depth_crop", self.eval.depth_crop, ("eigen", "none"))
         if self.data.pad_multiple % 64:
-            raise InputError(f"data.pad_multiple: {self.data.pad_multiple} is not a multiple of 64 (the UNet needs 1/64 maps)")
+            raise InputError(
+                f"data.pad_multiple: {self.data.pad_multiple} is not a multiple of 64 (the UNet needs 1/64 maps)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts and lists (YAML/JSON-safe)."""
@@ -170,6 +176,11 @@ def _convert(key: str, value: Any, annotation: Any) -> Any:
         return tuple(_convert(key, v, item_type) for v in value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if (annotation is int and isinstance(value, bool)) or not isinstance(value, annotation):
         raise InputError(f"{key}: {value!r} is a {type(value).__name__}, expected {annotation.__name__}")
     return value

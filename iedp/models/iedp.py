@@ -81,7 +81,12 @@ class IEDPModel(nn.Module):
         if self.task == "seg":
             self.neck = FPN(in_channels, config.neck_channels)
             self.head = FPNHead(
-                config.neck_channels, self.strides, len(class_names), channels=config.head_channels, dropout=config.dropout
+                config.neck_channels,
+                self.strides,
+                len(class_names),
+                channels=config.head_channels,
+                dropout=config.dropout,
+                norm=config.head_norm,
             )
         else:
             self.head = DepthHead(
@@ -90,6 +95,7 @@ class IEDPModel(nn.Module):
                 deconv_channels=config.depth_deconv_channels,
                 fuse_channels=config.depth_fuse_channels,
                 head_channels=config.depth_head_channels,
+                norm=config.head_norm,
             )
 
     @property

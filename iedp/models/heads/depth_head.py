@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    # VPD uses 16 groups (SD widths are multiples of 16); the gcd keeps other widths valid.
-    return nn.GroupNorm(math.gcd(16, channels), channels)
+from iedp.models.heads.norm import build_norm
 
 
 class DepthHead(nn.Module):
@@ -48,6 +43,7 @@ class DepthHead(nn.Module):
         deconv_channels: int = 32,
         num_deconv: int = 3,
         head_channels: int = 192,
+        norm: str = "bn",
     ) -> None:
         super().__init__()
         if len(in_channels) != 4:
@@ -61,14 +57,14 @@ class DepthHead(nn.Module):
         c0, c1, c2, c3 = self.in_channels
         self.reduce0 = nn.Sequential(  # stride 8 -> 32
             nn.Conv2d(c0, c0, kernel_size=3, stride=2, padding=1),
-            _group_norm(c0),
+            build_norm("gn", c0),
             nn.ReLU(inplace=True),
             nn.Conv2d(c0, c0, kernel_size=3, stride=2, padding=1),
         )
         self.reduce1 = nn.Conv2d(c1, c1, kernel_size=3, stride=2, padding=1)  # stride 16 -> 32
         self.fuse = nn.Sequential(
             nn.Conv2d(c0 + c1 + c2 + c3, fuse_channels, kernel_size=1),
-            _group_norm(fuse_channels),
+            build_norm("gn", fuse_channels),
             nn.ReLU(inplace=True),
         )
         deconvs: list[nn.Module] = []
@@ -81,13 +77,13 @@ class DepthHead(nn.Module):
                     stride=2,
                     bias=False,
                 ),
-                nn.BatchNorm2d(deconv_channels),
+                build_norm(norm, deconv_channels),
                 nn.ReLU(inplace=True),
             ]
         self.decoder = nn.Sequential(
             *deconvs,
             nn.Conv2d(deconv_channels, head_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(head_channels),
+            build_norm(norm, head_channels),
             nn.ReLU(inplace=True),
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),

@@ -7,12 +7,14 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iedp.models.heads.norm import build_norm
 
-def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    # No conv bias: the BatchNorm that follows has its own.
+
+def _conv_norm_relu(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
+    # No conv bias: the norm that follows has its own.
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
+        build_norm(norm, out_channels),
         nn.ReLU(inplace=True),
     )
 
@@ -47,8 +49,10 @@ class FPNHead(nn.Module):
         num_classes: int,
         channels: int = 128,
         dropout: float = 0.1,
+        norm: str = "bn",
     ) -> None:
         super().__init__()
+        self.norm = norm
         self.in_channels = in_channels
         self.strides = list(strides)
         self.num_classes = num_classes
@@ -58,7 +62,7 @@ class FPNHead(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
 
     def _scale_head(self, stride: int) -> nn.Sequential:
-        """conv-BN-ReLU (+ 2x upsample) repeated until ``stride`` reaches ``strides[0]``."""
+        """conv-norm-ReLU (+ 2x upsample) repeated until ``stride`` reaches ``strides[0]``."""
         ratio = stride / self.strides[0]
         steps = round(math.log2(ratio)) if ratio >= 1 else -1
         if steps < 0 or 2**steps != ratio:
@@ -67,7 +71,9 @@ class FPNHead(nn.Module):
             )
         layers: list[nn.Module] = []
         for step in range(max(1, steps)):
-            layers.append(_conv_bn_relu(self.in_channels if step == 0 else self.channels, self.channels))
+            layers.append(
+                _conv_norm_relu(self.in_channels if step == 0 else self.channels, self.channels, self.norm)
+            )
             if steps > 0:
                 layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
         return nn.Sequential(*layers)

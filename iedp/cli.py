@@ -1,0 +1,137 @@
+"""The ``iedp`` command line: make-tiny, train, evaluate, predict, score, demo.
+
+Bad input (a missing file, a wrong config key, a corrupt image...) ends with one line on stderr and exit status 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from iedp.errors import InputError
+
+logger = logging.getLogger("iedp")
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from iedp.weights import make_tiny
+
+    print(make_tiny(args.dir, seed=args.seed))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from iedp.config import load_config
+    from iedp.engine.train import train
+
+    config = load_config(args.config, args.set)
+    train(config, resume=args.resume)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from iedp.engine.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(
+        args.checkpoint,
+        overrides=args.set,
+        multi_scale=args.multi_scale,
+        save_predictions=args.save_predictions,
+        json_path=args.json,
+    )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from iedp.engine.predict import predict_paths
+
+    predict_paths(args.checkpoint, args.inputs, args.out, overrides=args.set)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from iedp.demo import run_demo
+
+    run_demo(args.out, steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iedp", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    commands = parser.add_subparsers(dest="command", required=True)
+    set_help = "override a config value, e.g. --set train.max_steps=100 (repeatable)"
+
+    p = commands.add_parser("make-tiny", help="write the tiny SD + CLIP preset into DIR")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_tiny)
+
+    p = commands.add_parser(
+        "train", help="train a model from a YAML recipe (use `accelerate launch` for many GPUs)"
+    )
+    p.add_argument("config", help="YAML recipe, e.g. configs/ade20k_iedp.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="resume from the newest complete checkpoint of train.out (or the named checkpoint folder)",
+    )
+    p.set_defaults(func=_train)
+
+    p = commands.add_parser("evaluate", help="evaluate a checkpoint on its validation/test split")
+    p.add_argument("checkpoint", help="a model checkpoint folder (model.safetensors + config.json)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--multi-scale", action="store_true", help="segmentation: scales 1.0-1.5 and flips")
+    p.add_argument(
+        "--save-predictions", metavar="DIR", help="write predictions in the format `iedp score` reads"
+    )
+    p.add_argument("--json", metavar="FILE", help="metrics JSON (default: next to the checkpoint)")
+    p.set_defaults(func=_evaluate)
+
+    p = commands.add_parser("predict", help="run a checkpoint on your own images")
+    p.add_argument("checkpoint")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.set_defaults(func=_predict)
+
+    from iedp.score import add_parser as add_score_parser
+
+    add_score_parser(commands)
+
+    p = commands.add_parser("demo", help="the CPU demo: tiny preset + synthetic scenes, iedp vs vpd, report")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps per run (default: the demo's budget)"
+    )
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except InputError as error:
+        if args.debug:
+            raise
+        print(f"iedp {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"iedp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

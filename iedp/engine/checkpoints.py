@@ -1,0 +1,133 @@
+"""Training checkpoints: ``checkpoints/checkpoint-{step}/`` folders written atomically.
+
+Each holds Accelerate's state (optimizer, lr schedule, sampler, RNG and scaler states) plus ``model/``, a
+self-contained model checkpoint (:mod:`iedp.checkpoint`) that ``iedp evaluate`` and ``iedp predict`` accept as it
+is. A folder is written under a temporary name and renamed once complete, with ``state.json`` last, so a crash
+mid-write leaves the previous checkpoint as the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from iedp.checkpoint import WEIGHTS_NAME, save_model
+from iedp.config import Config
+from iedp.errors import InputError
+from iedp.models.iedp import IEDPModel
+
+logger = logging.getLogger(__name__)
+
+PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_NAME = "state.json"
+
+
+class CheckpointManager:
+    """Saves, prunes and finds training checkpoints under ``root``; every process calls ``save`` together."""
+
+    def __init__(self, root: Path, accelerator: Accelerator, config: Config, total_limit: int | None) -> None:
+        self.root = Path(root)
+        self.accelerator = accelerator
+        self.config = config
+        self.total_limit = total_limit
+        accelerator.register_save_state_pre_hook(self._save_model_hook)
+        accelerator.register_load_state_pre_hook(self._load_model_hook)
+
+    # Accelerate hooks: store the model in our own format instead of one opaque state dict.
+    def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
+        if len(weights) != len(models):  # FSDP / DeepSpeed save the model themselves
+            return
+        if self.accelerator.is_main_process:
+            for model in models:
+                save_model(self.accelerator.unwrap_model(model), self.config, Path(output_dir) / "model")
+        weights.clear()
+
+    def _load_model_hook(self, models: list, input_dir: str) -> None:
+        path = Path(input_dir) / "model" / WEIGHTS_NAME
+        if not path.is_file():
+            return
+        while models:
+            model = self.accelerator.unwrap_model(models.pop())
+            missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+            missing = [k for k in missing if not k.startswith("explicit.")]
+            if missing or unexpected:
+                raise InputError(
+                    f"checkpoint {path}: does not match this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, folder) of every complete checkpoint, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            match = PATTERN.match(path.name)
+            if match and (path / STATE_NAME).is_file():
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        found = self.complete()
+        return found[-1][1] if found else None
+
+    def save(self, step: int) -> Path:
+        accelerator = self.accelerator
+        final = self.root / f"checkpoint-{step}"
+        tmp = self.root / f".checkpoint-{step}.partial"
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = tmp / STATE_NAME
+            state.write_text(json.dumps({"step": step, "config": self.config.to_dict()}, indent=2))
+            with open(state, "rb") as f:
+                os.fsync(f.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+            logger.info("saved %s", final)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        if not self.total_limit:
+            return
+        for _, path in self.complete()[: -self.total_limit]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def resume(self, spec: str) -> int:
+        """Load the checkpoint named by ``spec`` ("latest" or a folder); returns its step."""
+        if spec == "latest":
+            path = self.latest()
+            if path is None:
+                logger.warning("--resume: no complete checkpoint in %s, starting from step 0", self.root)
+                return 0
+        else:
+            path = Path(spec)
+            if not (path / STATE_NAME).is_file():
+                raise InputError(f"--resume {spec}: not a complete training checkpoint (no {STATE_NAME})")
+        self.accelerator.load_state(str(path))
+        step = json.loads((path / STATE_NAME).read_text())["step"]
+        logger.info("resumed from %s at step %d", path, step)
+        return step
+
+    def save_final(self, model: IEDPModel) -> Path:
+        """The trained model as ``{train.out}/final``, the folder ``evaluate`` and ``predict`` take."""
+        final = self.root.parent / "final"
+        if self.accelerator.is_main_process:
+            save_model(model, self.config, final)
+            logger.info("final model: %s", final)
+        self.accelerator.wait_for_everyone()
+        return final

@@ -1,0 +1,216 @@
+"""``iedp predict``: run a trained checkpoint on the user's own images, of any size, and write pictures.
+
+Inference uses the evaluation protocol of the checkpoint's config (:func:`~iedp.engine.evaluate.predict_sample`),
+so a picture shows what ``iedp evaluate`` scores. Only the method's inference context runs: for ``iedp`` the
+implicit branch, which needs no labels or prompts.
+
+Files written per input image ``<stem>`` (``<stem>_1``, ``<stem>_2``... when several inputs share a stem):
+
+- segmentation: ``<stem>_labels.png`` 8-bit class indices 0..K-1 in the checkpoint's class order (16-bit
+  beyond 256 classes), at the input's size (not ADE20K's 1..150 file convention: ``iedp evaluate --save-predictions`` writes that);
+  ``<stem>_mask.png`` the classes in colour (:func:`iedp.visualize.palette`); ``<stem>_overlay.png`` the
+  image with the mask blended in and, to its right, a legend of the classes found, largest first.
+- depth: ``<stem>_depth.png`` uint16 millimetres at the input's size, like NYUv2's ground truth;
+  ``<stem>_depth_color.png`` the depth in Turbo colours, near red, far blue, over the image's own range.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from iedp.checkpoint import load_model
+from iedp.config import Config, config_from_dict, set_dotted
+from iedp.data.images import read_rgb, write_depth_png
+from iedp.data.transforms import normalize, rescale_size, resize_image
+from iedp.engine.evaluate import predict_sample
+from iedp.errors import InputError
+from iedp.models.iedp import IEDPModel
+from iedp.visualize import (
+    beside,
+    classes_by_area,
+    colorize_depth,
+    colorize_labels,
+    format_share,
+    label_legend,
+    overlay,
+    palette,
+)
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+"""File types taken from a folder input (case-insensitive); files named explicitly are read whatever their name."""
+
+MIN_DEPTH_M = 1e-3
+"""Depth predictions are written as at least 1 mm: 0 in a depth PNG means "no measurement"."""
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders replaced by their image files (sorted, not recursive); checked before the model loads."""
+    paths: list[Path] = []
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InputError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    return paths
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """One distinct output stem per input: the file's stem, with ``_1``, ``_2``... when it is already taken.
+
+    Compared case-insensitively, so ``A.jpg`` and ``a.png`` do not overwrite each other on macOS or Windows.
+    """
+    used: set[str] = set()
+    stems = []
+    for path in paths:
+        stem, counter = path.stem, 0
+        while stem.casefold() in used:
+            counter += 1
+            stem = f"{path.stem}_{counter}"
+        used.add(stem.casefold())
+        stems.append(stem)
+    return stems
+
+
+def with_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """The checkpoint's config changed by ``--set`` assignments; model keys are warned about, as they cannot apply."""
+    tree = config.to_dict()
+    for assignment in overrides:
+        set_dotted(tree, assignment)
+    changed = config_from_dict(tree)
+    if changed.model != config.model:
+        logger.warning(
+            "--set model.* is ignored by predict: the model is rebuilt from the checkpoint's own config"
+        )
+    return changed
+
+
+def segment_image(model: IEDPModel, image: np.ndarray, config: Config, device: torch.device) -> np.ndarray:
+    """H×W class indices of an H×W×3 uint8 image of any size.
+
+    The image is rescaled as the evaluation set is (short side ``eval.short_side``, long side at most 4× that)
+    and the scores are resized back to the input's size before the argmax.
+    """
+    height, width = image.shape[:2]
+    short = config.eval.short_side
+    resized = resize_image(image, rescale_size(height, width, (4 * short, short)))
+    # predict_sample reads only the shape of "label": it is the output size, here the input image's.
+    size_only = torch.zeros((), dtype=torch.uint8).expand(height, width)
+    labels = predict_sample(model, {"image": normalize(resized), "label": size_only}, config, device)
+    return labels.cpu().numpy()
+
+
+def estimate_image_depth(
+    model: IEDPModel, image: np.ndarray, config: Config, device: torch.device
+) -> np.ndarray:
+    """H×W metres of an H×W×3 uint8 image of any size, at its own resolution (windows larger than it are padded)."""
+    depth = predict_sample(model, {"image": normalize(image)}, config, device)
+    return depth.cpu().numpy()
+
+
+def write_segmentation(
+    image: np.ndarray, labels: np.ndarray, class_names: Sequence[str], out_dir: Path, stem: str
+) -> list[Path]:
+    """Write ``_labels`` (class indices), ``_mask`` (colours) and ``_overlay`` (blend + legend) PNGs."""
+    colors = palette(len(class_names))
+    # argmax labels ignore no pixel: with more than 255 classes, 255 is a class
+    mask = colorize_labels(labels, colors, ignore_index=None)
+    index_dtype = np.uint8 if len(class_names) <= 256 else np.uint16
+    outputs = {
+        "labels": Image.fromarray(labels.astype(index_dtype)),
+        "mask": Image.fromarray(mask),
+        "overlay": beside(overlay(image, mask), label_legend(labels, class_names, colors, ignore_index=None)),
+    }
+    paths = []
+    for kind, picture in outputs.items():
+        path = out_dir / f"{stem}_{kind}.png"
+        picture.save(path)
+        paths.append(path)
+    return paths
+
+
+def write_depth(depth: np.ndarray, out_dir: Path, stem: str) -> list[Path]:
+    """Write ``_depth`` (uint16 millimetres) and ``_depth_color`` (Turbo colours) PNGs."""
+    depth_path = out_dir / f"{stem}_depth.png"
+    write_depth_png(depth_path, np.maximum(depth, MIN_DEPTH_M))
+    color_path = out_dir / f"{stem}_depth_color.png"
+    Image.fromarray(colorize_depth(depth)).save(color_path)
+    return [depth_path, color_path]
+
+
+def describe_classes(labels: np.ndarray, class_names: Sequence[str], shown: int = 3) -> str:
+    """The log line's summary of a label map, e.g. ``5 classes: wall 41%, floor 22%, bed 12%, ...``."""
+    present = classes_by_area(labels, ignore_index=None)
+    listed = ", ".join(f"{class_names[k]} {format_share(fraction)}" for k, fraction in present[:shown])
+    return f"{len(present)} classes: {listed}{', ...' if len(present) > shown else ''}"
+
+
+def predict_paths(
+    checkpoint: str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    overrides: Sequence[str] = (),
+) -> list[Path]:
+    """``iedp predict CHECKPOINT IMAGE_OR_DIR... --out DIR [--set key=value]``; returns the files written.
+
+    The model is loaded once and runs on the GPU when one is available. Inputs are all checked first, so a
+    missing path fails before the model loads; an unreadable image stops the run with its name.
+    """
+    paths = expand_inputs(inputs)
+    model, config = load_model(checkpoint)
+    if model.method == "explicit":
+        raise InputError(
+            f"checkpoint {checkpoint}: method 'explicit' is an oracle that needs ground-truth labels; "
+            "predict runs vpd, implicit and iedp checkpoints"
+        )
+    config = with_overrides(config, overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logger.info(
+        "predicting %d image(s) with %s (%s, %s) on %s",
+        len(paths),
+        checkpoint,
+        model.task,
+        model.method,
+        device,
+    )
+
+    written: list[Path] = []
+    for path, stem in zip(paths, output_stems(paths), strict=True):
+        start = time.perf_counter()
+        image = read_rgb(path)
+        if model.task == "seg":
+            labels = segment_image(model, image, config, device)
+            written += write_segmentation(image, labels, model.class_names, out_dir, stem)
+            summary = describe_classes(labels, model.class_names)
+        else:
+            depth = estimate_image_depth(model, image, config, device)
+            written += write_depth(depth, out_dir, stem)
+            summary = f"depth {depth.min():.2f}..{depth.max():.2f} m"
+        height, width = image.shape[:2]
+        logger.info(
+            "%s (%dx%d): %s -> %s_*.png (%.1fs)",
+            path,
+            width,
+            height,
+            summary,
+            out_dir / stem,
+            time.perf_counter() - start,
+        )
+    return written

@@ -1,0 +1,207 @@
+"""The training loop, on Accelerate: one CPU, one GPU, many GPUs or nodes (``accelerate launch``), with mixed
+precision, gradient accumulation, periodic evaluation, TensorBoard logs and exact resume.
+
+Order of one optimisation step (readable top to bottom in :func:`train`): forward under ``accumulate``, skip on a
+non-finite loss, backward, clip, step optimizer and lr schedule, then log / checkpoint / evaluate on sync steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from iedp.config import Config
+from iedp.engine.checkpoints import CheckpointManager
+from iedp.engine.data import build_dataset, make_loader
+from iedp.engine.evaluate import evaluate_model
+from iedp.engine.optim import build_optimizer
+from iedp.errors import InputError
+from iedp.models.build import build_model
+
+logger = logging.getLogger(__name__)
+
+
+class StopRequested:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step, so a kill ends with a checkpoint."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopRequested:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, float | int | str | bool]:
+    """Config as flat scalars, the form TensorBoard's hparams accept."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out
+
+
+def train(config: Config, resume: str | None = None) -> Path:
+    """Train ``config`` into ``config.train.out``; returns the folder of the final model checkpoint."""
+    tc = config.train
+    out = Path(tc.out)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=tc.grad_accum,
+        mixed_precision=tc.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=tc.seed),
+    )
+    set_seed(tc.seed)  # identical initial weights on every rank
+    model = build_model(config.model)
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if tc.mixed_precision != "no":
+        for part in model.frozen_modules():
+            part.to(torch.bfloat16 if tc.mixed_precision == "bf16" else torch.float16)
+    optimizer, scheduler = build_optimizer(model, model.unet, tc)
+    with accelerator.main_process_first():
+        train_set = build_dataset(config, "train")
+        val_set = build_dataset(config, "val") if tc.eval_every > 0 else None
+    loader = make_loader(train_set, tc.batch_size, config.data.num_workers, shuffle=True, seed=tc.seed)
+    # The scheduler is stepped by hand once per optimisation step (not prepared), so the lr is a function of the
+    # global step whatever the number of processes.
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
+    checkpoints = CheckpointManager(out / "checkpoints", accelerator, config, tc.checkpoints_total_limit)
+
+    set_seed(tc.seed + accelerator.process_index)  # per-rank dropout streams
+    step = checkpoints.resume(resume) if resume else 0  # restores the RNG states saved with the checkpoint
+    steps_per_epoch = len(loader) // tc.grad_accum
+    if steps_per_epoch == 0:
+        raise InputError(
+            f"data: {len(train_set)} training samples give no full step of "
+            f"{tc.batch_size}×{accelerator.num_processes} processes×{tc.grad_accum} accumulation"
+        )
+    total_batch = tc.batch_size * accelerator.num_processes * tc.grad_accum
+    logger.info(
+        "training %s/%s: %d examples, %d per device, total batch %d (%d processes × %d accumulation), "
+        "%d optimisation steps (%.1f epochs), starting at step %d",
+        config.model.task,
+        config.model.method,
+        len(train_set),
+        tc.batch_size,
+        total_batch,
+        accelerator.num_processes,
+        tc.grad_accum,
+        tc.max_steps,
+        tc.max_steps / steps_per_epoch,
+        step,
+    )
+    if accelerator.is_main_process:
+        accelerator.init_trackers("iedp", config=_flat(config.to_dict()))
+
+    progress = tqdm(
+        total=tc.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process
+    )
+    bad_steps = 0
+    model.train()
+    with StopRequested() as stop:
+        while step < tc.max_steps and stop.signal is None:
+            epoch, done_in_epoch = divmod(step, steps_per_epoch)
+            loader.set_epoch(epoch)
+            train_set.set_epoch(epoch)
+            batches = (
+                accelerator.skip_first_batches(loader, done_in_epoch * tc.grad_accum)
+                if done_in_epoch
+                else loader
+            )
+            tic = time.perf_counter()
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    losses = model(batch)
+                    # every rank skips together when any rank's loss is not finite
+                    non_finite = accelerator.reduce((~torch.isfinite(losses["loss"])).float().detach(), "max")
+                    finite = non_finite.item() == 0.0
+                    if finite:
+                        accelerator.backward(losses["loss"])
+                        if accelerator.sync_gradients and tc.grad_clip:
+                            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                step += 1
+                bad_steps = 0 if finite else bad_steps + 1
+                progress.update(1)
+                if bad_steps:
+                    logger.warning("step %d: non-finite loss, step skipped (%d in a row)", step, bad_steps)
+                    if bad_steps >= tc.max_bad_steps:
+                        checkpoints.save(step)
+                        raise FloatingPointError(
+                            f"step {step}: {bad_steps} non-finite losses in a row; stopped (checkpoint saved). "
+                            "Lower train.lr or use train.mixed_precision=bf16 instead of fp16"
+                        )
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    scalars = {k: accelerator.reduce(v.detach(), "mean").item() for k, v in losses.items()}
+                    scalars |= {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}
+                    scalars["time/step_s"] = (time.perf_counter() - tic) / tc.log_every
+                    tic = time.perf_counter()
+                    accelerator.log(scalars, step=step)
+                    progress.set_postfix(loss=f"{scalars['loss']:.4f}")
+                if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+                    checkpoints.save(step)
+                if val_set is not None and (step % tc.eval_every == 0 or step == tc.max_steps):
+                    metrics = evaluate_model(accelerator.unwrap_model(model), val_set, config, accelerator)
+                    accelerator.log(
+                        {f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=step
+                    )
+                    logger.info(
+                        "step %d: %s",
+                        step,
+                        json.dumps(
+                            {
+                                k: round(v, 4)
+                                for k, v in metrics.items()
+                                if isinstance(v, float) and math.isfinite(v)
+                            }
+                        ),
+                    )
+                    if accelerator.is_main_process:
+                        (out / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+                    model.train()
+                if step >= tc.max_steps or _stop_everywhere(stop, accelerator):
+                    break
+        if stop.signal is not None and step % tc.checkpoint_every:
+            logger.warning("signal %d: saving a checkpoint at step %d and stopping", stop.signal, step)
+            checkpoints.save(step)
+    progress.close()
+    accelerator.wait_for_everyone()
+    final = checkpoints.save_final(accelerator.unwrap_model(model)) if step >= tc.max_steps else None
+    accelerator.end_training()
+    skipped = list(getattr(train_set, "skipped", {}))
+    if skipped:
+        logger.warning("skipped %d unreadable training files: %s", len(skipped), ", ".join(skipped[:20]))
+    return final or checkpoints.latest()
+
+
+def _stop_everywhere(stop: StopRequested, accelerator: Accelerator) -> bool:
+    """True on every rank once any rank was signalled, so all of them stop at the same step."""
+    flag = torch.tensor(float(stop.signal is not None), device=accelerator.device)
+    return accelerator.reduce(flag, "max").item() > 0
