@@ -240,5 +240,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return config_from_dict(tree)
 
 
+# Model keys that may change on a trained checkpoint: where its frozen weights live (the text tower of `explicit`).
+CHECKPOINT_MODEL_KEYS = ("weights", "sd", "clip", "cache_dir")
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """A trained checkpoint's config changed by ``--set`` assignments (data, eval, ...); its architecture is fixed,
+    so other ``model.*`` keys are refused."""
+    tree = config.to_dict()
+    for assignment in overrides:
+        key = assignment.split("=", 1)[0].strip()
+        if key.startswith("model.") and key.removeprefix("model.") not in CHECKPOINT_MODEL_KEYS:
+            raise InputError(f"--set {key}: a trained checkpoint's model cannot change (only model.{', model.'.join(CHECKPOINT_MODEL_KEYS)})")
+        set_dotted(tree, assignment)
+    return config_from_dict(tree)
+
+
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)

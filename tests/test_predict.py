@@ -72,9 +72,9 @@ def test_segmentation_writes_labels_mask_and_overlay_at_input_size(
     shapes = []
     original = predict_module.predict_sample
 
-    def spy(model, sample, config, device):
-        shapes.append((tuple(sample["image"].shape), tuple(sample["label"].shape)))
-        return original(model, sample, config, device)
+    def spy(model, sample, config, device, out_size=None):
+        shapes.append((tuple(sample["image"].shape), out_size))
+        return original(model, sample, config, device, out_size)
 
     monkeypatch.setattr(predict_module, "predict_sample", spy)
     out = tmp_path / "out"
@@ -130,9 +130,9 @@ def test_depth_window_larger_than_the_image_via_override(checkpoints, images, tm
     seen = []
     original = predict_module.predict_sample
 
-    def spy(model, sample, config, device):
+    def spy(model, sample, config, device, out_size=None):
         seen.append(config.eval.depth_window)
-        return original(model, sample, config, device)
+        return original(model, sample, config, device, out_size)
 
     monkeypatch.setattr(predict_module, "predict_sample", spy)
     out = tmp_path / "out"
@@ -212,14 +212,13 @@ def test_empty_folder_and_missing_path_are_input_errors(checkpoints, tmp_path):
     assert not (tmp_path / "out").exists()  # inputs are checked before anything is written
 
 
-def test_overrides_bad_key_fails_and_model_keys_are_warned_about(checkpoints, images, tmp_path, caplog):
+def test_overrides_bad_key_and_model_keys_fail(checkpoints, images, tmp_path, caplog):
     with pytest.raises(InputError, match="unknown config key eval.windoww"):
         predict_paths(checkpoints["seg"], [images["wide"]], tmp_path / "out", overrides=["eval.windoww=64"])
+    with pytest.raises(InputError, match="--set model.max_depth: a trained checkpoint's model cannot change"):
+        predict_paths(checkpoints["depth"], [images["wide"]], tmp_path / "out", overrides=["model.max_depth=5"])
     with caplog.at_level(logging.INFO, logger="iedp.engine.predict"):
-        predict_paths(
-            checkpoints["depth"], [images["wide"]], tmp_path / "out", overrides=["model.max_depth=5"]
-        )
-    assert any("--set model.* is ignored" in r.getMessage() for r in caplog.records)
+        predict_paths(checkpoints["depth"], [images["wide"]], tmp_path / "out", overrides=["eval.flip=false"])
     assert any("wide.jpg (101x67): depth" in r.getMessage() for r in caplog.records)  # one line per image
 
 

@@ -54,7 +54,7 @@ class ADE20K(Dataset):
 
     With ``augment`` (default: on for "training") the image and label are the 512×512 crop of
     :class:`~iedp.data.transforms.SegTrainTransform`. Without it (evaluation) the image is
-    rescaled so its short side is 512 (mmseg's (2048, 512) rule) while ``label`` keeps the
+    rescaled so its short side is 512 (mmseg's (2048, 512) rule, ``val_scale``) while ``label`` keeps the
     original size, because metrics are computed at the original resolution.
 
     Augmentation draws from ``numpy.random.default_rng((seed, epoch, index))``: the same sample
@@ -77,6 +77,7 @@ class ADE20K(Dataset):
         class_names: Sequence[str] | None = None,
         seed: int = 0,
         skip_bad: bool = False,
+        val_scale: tuple[int, int] = (2048, 512),
     ) -> None:
         self.pairs = list_pairs(root, split)
         self.split = split
@@ -92,6 +93,7 @@ class ADE20K(Dataset):
         self.seed = seed
         self.epoch = 0
         self.skip_bad = skip_bad
+        self.val_scale = val_scale
         self.skipped: dict[str, str] = {}
 
     def __len__(self) -> int:
@@ -122,7 +124,7 @@ class ADE20K(Dataset):
             rng = np.random.default_rng((self.seed, self.epoch, index))
             image_tensor, label_tensor = self.transform(image, label, rng)
         else:
-            image_tensor, label_tensor = seg_val_transform(image, label)
+            image_tensor, label_tensor = seg_val_transform(image, label, self.val_scale)
         return {
             "image": image_tensor,
             "label": label_tensor,

@@ -57,6 +57,7 @@ def build_dataset(config: Config, split: str) -> Dataset:
             class_names=names,
             seed=data.seed,
             skip_bad=data.skip_bad and train,
+            val_scale=(4 * config.eval.short_side, config.eval.short_side),
         )
     if model.task != "depth":
         raise InputError("data.dataset=nyu is a depth set; set model.task=depth")

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from iedp.checkpoint import load_model
-from iedp.config import Config, config_from_dict, set_dotted
+from iedp.config import Config, apply_overrides
 from iedp.data.images import write_depth_png
 from iedp.engine.data import build_dataset
 from iedp.engine.inference import estimate_depth, segment
@@ -39,8 +39,10 @@ def model_predictor(model: IEDPModel, sample: dict, device: torch.device):
 
 
 @torch.no_grad()
-def predict_sample(model: IEDPModel, sample: dict, config: Config, device: torch.device) -> torch.Tensor:
-    """Seg: label map (H, W) at the ground truth's size; depth: metres (H, W)."""
+def predict_sample(
+    model: IEDPModel, sample: dict, config: Config, device: torch.device, out_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Seg: label map (H, W) at ``out_size`` (default: the ground truth's size); depth: metres at the image's size."""
     ec = config.eval
     multiple = model.backbone.input_multiple
     image = sample["image"][None].to(device)
@@ -50,7 +52,7 @@ def predict_sample(model: IEDPModel, sample: dict, config: Config, device: torch
         scores = segment(
             predict,
             image,
-            tuple(sample["label"].shape[-2:]),
+            out_size or tuple(sample["label"].shape[-2:]),
             ec.window,
             ec.stride,
             multiple,
@@ -95,7 +97,8 @@ def evaluate_model(
     label_offset = 1 if config.data.dataset == "ade20k" else 0
     for index in tqdm(indices, desc="evaluate", disable=not accelerator.is_local_main_process, leave=False):
         sample = dataset[index]
-        prediction = predict_sample(model, sample, config, accelerator.device)
+        with accelerator.autocast():
+            prediction = predict_sample(model, sample, config, accelerator.device)
         if model.task == "seg":
             metric.update(prediction.cpu(), sample["label"])
         else:
@@ -117,12 +120,7 @@ def evaluate_checkpoint(
 ) -> dict:
     """``iedp evaluate``: the checkpoint's own config (data, eval), changed by ``--set`` overrides."""
     model, config = load_model(checkpoint)
-    tree = config.to_dict()
-    for assignment in overrides:
-        set_dotted(tree, assignment)
-    if multi_scale:
-        tree["eval"]["multi_scale"] = True
-    config = config_from_dict(tree)
+    config = apply_overrides(config, [*overrides, *(["eval.multi_scale=true"] if multi_scale else [])])
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
     model.to(accelerator.device)
     dataset = build_dataset(config, "val")
@@ -132,7 +130,7 @@ def evaluate_checkpoint(
         path = Path(json_path) if json_path else Path(checkpoint) / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
-            json.dumps({"checkpoint": str(checkpoint), "config": tree, "metrics": metrics}, indent=2)
+            json.dumps({"checkpoint": str(checkpoint), "config": config.to_dict(), "metrics": metrics}, indent=2)
         )
         logger.info("metrics written to %s", path)
     return metrics

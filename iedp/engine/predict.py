@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from iedp.checkpoint import load_model
-from iedp.config import Config, config_from_dict, set_dotted
+from iedp.config import Config, apply_overrides
 from iedp.data.images import read_rgb, write_depth_png
 from iedp.data.transforms import normalize, rescale_size, resize_image
 from iedp.engine.evaluate import predict_sample
@@ -86,19 +86,6 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
     return stems
 
 
-def with_overrides(config: Config, overrides: Sequence[str]) -> Config:
-    """The checkpoint's config changed by ``--set`` assignments; model keys are warned about, as they cannot apply."""
-    tree = config.to_dict()
-    for assignment in overrides:
-        set_dotted(tree, assignment)
-    changed = config_from_dict(tree)
-    if changed.model != config.model:
-        logger.warning(
-            "--set model.* is ignored by predict: the model is rebuilt from the checkpoint's own config"
-        )
-    return changed
-
-
 def segment_image(model: IEDPModel, image: np.ndarray, config: Config, device: torch.device) -> np.ndarray:
     """H×W class indices of an H×W×3 uint8 image of any size.
 
@@ -108,9 +95,7 @@ def segment_image(model: IEDPModel, image: np.ndarray, config: Config, device: t
     height, width = image.shape[:2]
     short = config.eval.short_side
     resized = resize_image(image, rescale_size(height, width, (4 * short, short)))
-    # predict_sample reads only the shape of "label": it is the output size, here the input image's.
-    size_only = torch.zeros((), dtype=torch.uint8).expand(height, width)
-    labels = predict_sample(model, {"image": normalize(resized), "label": size_only}, config, device)
+    labels = predict_sample(model, {"image": normalize(resized)}, config, device, out_size=(height, width))
     return labels.cpu().numpy()
 
 
@@ -177,7 +162,7 @@ def predict_paths(
             f"checkpoint {checkpoint}: method 'explicit' is an oracle that needs ground-truth labels; "
             "predict runs vpd, implicit and iedp checkpoints"
         )
-    config = with_overrides(config, overrides)
+    config = apply_overrides(config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     out_dir = Path(out_dir)
