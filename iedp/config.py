@@ -228,7 +228,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise InputError(f"config {path}: no such file")
+            from iedp.configs import packaged_config
+
+            path = packaged_config(str(path)) or path
+        if not path.is_file():
+            raise InputError(f"config {path}: no such file (nor a shipped recipe such as ade20k_iedp)")
         try:
             tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
