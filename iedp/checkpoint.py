@@ -107,7 +107,11 @@ def load_model(path: str | Path, with_text: bool = False) -> tuple[IEDPModel, Co
     model = assemble_model(
         config.model, unet, vae, image_encoder, None, state["class_tokens"], list(meta["class_names"])
     )
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[-1].strip()
+        raise InputError(f"checkpoint {path}: weights do not match its config ({first})") from None
     if missing or unexpected:
         raise InputError(
             f"checkpoint {path}: weights do not match its config "

@@ -136,6 +136,9 @@ def _read_depth_prediction(path: Path) -> np.ndarray:
     depth = depth[0] if depth.ndim == 3 and depth.shape[0] == 1 else depth
     if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.number):
         raise InputError(f"{path}: expected an H×W array of metres, got {depth.dtype} of shape {depth.shape}")
+    bad = int((~np.isfinite(depth)).sum())
+    if bad:
+        raise InputError(f"{path}: {bad} NaN or infinite depth values (a prediction must be finite metres)")
     return depth.astype(np.float32)
 
 

@@ -5,6 +5,7 @@ when it is read, naming the file, instead of surfacing later as a shape error or
 grey image. All problems raise :class:`~iedp.errors.InputError`.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,16 @@ _DEPTH_SCALE = 1000.0
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+def max_pixels() -> int:
+    """Largest image accepted (width × height), ``$IEDP_MAX_PIXELS`` or 100 million: a guard against
+    decompression bombs, checked from the header before anything is decoded."""
+    value = os.environ.get("IEDP_MAX_PIXELS", "100000000")
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"IEDP_MAX_PIXELS: {value!r} is not an integer number of pixels") from None
+
+
 def _open_decoded(path: str | Path) -> tuple[Image.Image, str | None]:
     """Open and fully decode ``path``: the image and its file format.
 
@@ -29,8 +40,14 @@ def _open_decoded(path: str | Path) -> tuple[Image.Image, str | None]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
+    limit = max_pixels()
     try:
         with Image.open(path) as img:
+            if img.width * img.height > limit:
+                raise InputError(
+                    f"{path}: image is {img.width}x{img.height} = {img.width * img.height} pixels, above the limit "
+                    f"of {limit} (raise IEDP_MAX_PIXELS if the file is trusted)"
+                )
             img.load()
             return img.copy(), img.format
     except _DECODE_ERRORS as err:

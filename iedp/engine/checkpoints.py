@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
@@ -55,7 +57,11 @@ class CheckpointManager:
             return
         while models:
             model = self.accelerator.unwrap_model(models.pop())
-            missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+            try:
+                missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+            except RuntimeError as error:  # shapes differ: another task, class count or architecture
+                first = str(error).strip().splitlines()[-1].strip()
+                raise InputError(f"checkpoint {path}: does not match this model ({first})") from None
             missing = [k for k in missing if not k.startswith("explicit.")]
             if missing or unexpected:
                 raise InputError(
@@ -77,22 +83,36 @@ class CheckpointManager:
         found = self.complete()
         return found[-1][1] if found else None
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> Path | None:
+        """Write ``checkpoint-{step}``; on a write error (disk full...) on any rank, log it, keep the previous
+        checkpoints and return None so training goes on."""
         accelerator = self.accelerator
         final = self.root / f"checkpoint-{step}"
         tmp = self.root / f".checkpoint-{step}.partial"
+        error: OSError | None = None
         accelerator.wait_for_everyone()
+        try:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(tmp))
+            if accelerator.is_main_process:
+                self._write_state(tmp, step)
+        except OSError as caught:
+            error = caught
+        failed = torch.tensor(float(error is not None), device=accelerator.device)
+        if accelerator.reduce(failed, "max").item():
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                logger.error(
+                    "could not write checkpoint-%d (%s); kept %s",
+                    step,
+                    error or "on another process",
+                    self.latest() or "no earlier checkpoint",
+                )
+            return None
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            state = tmp / STATE_NAME
-            state.write_text(json.dumps({"step": step, "config": self.config.to_dict()}, indent=2))
-            with open(state, "rb") as f:
-                os.fsync(f.fileno())
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -100,6 +120,13 @@ class CheckpointManager:
             logger.info("saved %s", final)
         accelerator.wait_for_everyone()
         return final
+
+    def _write_state(self, folder: Path, step: int) -> None:
+        """``state.json`` goes last: its presence marks a complete checkpoint."""
+        state = folder / STATE_NAME
+        state.write_text(json.dumps({"step": step, "config": self.config.to_dict()}, indent=2))
+        with open(state, "rb") as f:
+            os.fsync(f.fileno())
 
     def _prune(self) -> None:
         if not self.total_limit:
@@ -118,7 +145,14 @@ class CheckpointManager:
             path = Path(spec)
             if not (path / STATE_NAME).is_file():
                 raise InputError(f"--resume {spec}: not a complete training checkpoint (no {STATE_NAME})")
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except (
+            pickle.UnpicklingError
+        ) as error:  # weights_only loading refused an object that is not plain data
+            raise InputError(
+                f"--resume {path}: refusing to load a file that holds more than tensors ({error})"
+            ) from None
         step = json.loads((path / STATE_NAME).read_text())["step"]
         logger.info("resumed from %s at step %d", path, step)
         return step

@@ -71,6 +71,8 @@ def train(config: Config, resume: str | None = None) -> Path:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=tc.seed),
+        # one lr-schedule step per optimisation step, whatever the number of processes
+        step_scheduler_with_optimizer=False,
     )
     set_seed(tc.seed)  # identical initial weights on every rank
     model = build_model(config.model)
@@ -84,10 +86,7 @@ def train(config: Config, resume: str | None = None) -> Path:
         train_set = build_dataset(config, "train")
         val_set = build_dataset(config, "val") if tc.eval_every > 0 else None
     loader = make_loader(train_set, tc.batch_size, config.data.num_workers, shuffle=True, seed=tc.seed)
-    # The scheduler is stepped by hand once per optimisation step (not prepared), so the lr is a function of the
-    # global step whatever the number of processes.
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    accelerator.register_for_checkpointing(scheduler)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     checkpoints = CheckpointManager(out / "checkpoints", accelerator, config, tc.checkpoints_total_limit)
 
     set_seed(tc.seed + accelerator.process_index)  # per-rank dropout streams
