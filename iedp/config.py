@@ -51,6 +51,7 @@ class ModelConfig:
     depth_deconv_channels: int = 32
     depth_head_channels: int = 192
     gradient_checkpointing: bool = False
+    compile_vae: bool = False  # torch.compile the frozen VAE encoder (GPU; the first call compiles for ~20 s)
     cache_dir: str | None = None  # where class-token banks are cached; default $IEDP_CACHE or ~/.cache/iedp
 
 

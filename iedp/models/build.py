@@ -30,6 +30,8 @@ def assemble_model(
     )
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if config.compile_vae:
+        backbone.compile_encoder()
     implicit = ImplicitGuidance(image_encoder, config.implicit_tokens)
     return IEDPModel(config, backbone, implicit, explicit, class_tokens, class_names)
 
