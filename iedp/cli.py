@@ -1,4 +1,4 @@
-"""The ``iedp`` command line: make-tiny, train, evaluate, predict, score, demo.
+"""The ``iedp`` command line: make-tiny, pretrain-tiny, train, evaluate, predict, score, demo.
 
 Bad input (a missing file, a wrong config key, a corrupt image...) ends with one line on stderr and exit status 2;
 ``--debug`` shows the traceback instead.
@@ -19,6 +19,13 @@ def _make_tiny(args: argparse.Namespace) -> int:
     from iedp.weights import make_tiny
 
     print(make_tiny(args.dir, seed=args.seed))
+    return 0
+
+
+def _pretrain_tiny(args: argparse.Namespace) -> int:
+    from iedp.pretrain import DEFAULT_CONFIG, QUICK_CONFIG, pretrain_tiny
+
+    print(pretrain_tiny(args.dir, QUICK_CONFIG if args.quick else DEFAULT_CONFIG))
     return 0
 
 
@@ -54,7 +61,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from iedp.demo import run_demo
 
-    run_demo(args.out, steps=args.steps)
+    run_demo(args.out, steps=args.steps, weights=args.weights)
     return 0
 
 
@@ -69,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
+
+    p = commands.add_parser(
+        "pretrain-tiny",
+        help="pre-train the tiny VAE, CLIP and text-to-image UNet on synthetic scenes into DIR (CPU, minutes)",
+    )
+    p.add_argument("dir")
+    p.add_argument("--quick", action="store_true", help="a few steps per stage (seconds): for tests only")
+    p.set_defaults(func=_pretrain_tiny)
 
     p = commands.add_parser(
         "train", help="train a model from a YAML recipe (use `accelerate launch` for many GPUs)"
@@ -110,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steps", type=int, default=None, help="training steps per run (default: the demo's budget)"
     )
+    p.add_argument("--weights", default=None, help="tiny-pretrained (default, built once: minutes) or tiny (random)")
     p.set_defaults(func=_demo)
     return parser
 

@@ -74,14 +74,16 @@ def trivial_baseline(config: Config) -> dict:
     return {**metric.compute(), "baseline": f"mean depth ({mean:.2f} m)"}
 
 
-def demo_config(task: str, method: str, out: Path, weights: str, steps: int | None) -> Config:
-    sets = [f"model.method={method}", f"model.weights={weights}", f"train.out={out / f'{task}_{method}'}"]
+def demo_config(task: str, method: str, out: Path, weights: str | None, steps: int | None) -> Config:
+    sets = [f"model.method={method}", f"train.out={out / f'{task}_{method}'}"]
+    if weights is not None:
+        sets.append(f"model.weights={weights}")
     if steps is not None:
         sets += [f"train.max_steps={steps}", f"train.checkpoint_every={steps}", f"train.eval_every={steps}"]
     return load_config(f"demo_{task}", sets)
 
 
-def run_one(task: str, method: str, out: Path, weights: str, steps: int | None) -> RunResult:
+def run_one(task: str, method: str, out: Path, weights: str | None, steps: int | None) -> RunResult:
     config = demo_config(task, method, out, weights, steps)
     tic = time.perf_counter()
     checkpoint = train(config)
@@ -171,8 +173,9 @@ def _table(task: str, results: list[RunResult], baseline: dict) -> str:
     return "\n".join(lines) + f"\n\n({better}; segmentation figures in percent)\n"
 
 
-def run_demo(out: str | Path = "demo_out", steps: int | None = None, weights: str = "tiny") -> Path:
-    """Train, evaluate and report; returns the report's path."""
+def run_demo(out: str | Path = "demo_out", steps: int | None = None, weights: str | None = None) -> Path:
+    """Train, evaluate and report; returns the report's path. ``weights`` overrides the recipes' ``tiny-pretrained``
+    (e.g. ``tiny`` for random tiny weights)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -210,7 +213,7 @@ def run_demo(out: str | Path = "demo_out", steps: int | None = None, weights: st
     config = demo_config("seg", "iedp", out, weights, steps)
     header = (
         "# IEDP demo report\n\n"
-        f"Tiny preset (`model.weights={weights}`) on synthetic indoor scenes ({config.data.resolution}×"
+        f"Tiny preset (`model.weights={config.model.weights}`) on synthetic indoor scenes ({config.data.resolution}×"
         f"{config.data.resolution}, {config.data.num_train} training / {config.data.num_val} validation scenes), "
         f"{config.train.max_steps if steps is None else steps} steps of batch {config.train.batch_size} per run, "
         "the same budget for every method. Inference of `iedp` uses only the implicit (image) branch; `vpd` uses the "

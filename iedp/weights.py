@@ -251,8 +251,9 @@ def resolve_weights(weights: str, sd: str | None = None, clip: str | None = None
     """Paths of the Stable Diffusion and CLIP weights: ``(sd_path, clip_path)``.
 
     Args:
-        weights: ``"tiny"`` (the tiny preset, built once into the cache) or a folder holding SD (``unet/``,
-            ``vae/``) and a ``clip/`` subfolder.
+        weights: ``"tiny"`` (the tiny preset, built once into the cache), ``"tiny-pretrained"`` (the tiny
+            preset pre-trained on synthetic scenes by :mod:`iedp.pretrain`, built once into the cache: minutes
+            on a CPU) or a folder holding SD (``unet/``, ``vae/``) and a ``clip/`` subfolder.
         sd: overrides the SD part, e.g. a single ``.safetensors`` file.
         clip: overrides the CLIP part, e.g. a separate CLIP folder.
     """
@@ -260,12 +261,16 @@ def resolve_weights(weights: str, sd: str | None = None, clip: str | None = None
         return sd, clip
     if weights == "tiny":
         base = tiny_weights_dir()
+    elif weights == "tiny-pretrained":
+        from iedp.pretrain import pretrained_tiny_dir  # imports this module: import it only when needed
+
+        base = pretrained_tiny_dir()
     else:
         base = Path(weights).expanduser()
         if not base.is_dir():
             raise InputError(
-                f"model.weights: {weights} is not a folder; expected 'tiny' or a folder with unet/, vae/ and "
-                f"clip/ (or set model.sd and model.clip)"
+                f"model.weights: {weights} is not a folder; expected 'tiny', 'tiny-pretrained' or a folder with "
+                f"unet/, vae/ and clip/ (or set model.sd and model.clip)"
             )
     return (sd if sd is not None else str(base)), (clip if clip is not None else str(base / "clip"))
 

@@ -24,6 +24,7 @@ from iedp.errors import InputError
 from iedp.score import run as score
 
 TINY_RUN = [
+    "model.weights=tiny",
     "data.resolution=64",
     "data.num_train=8",
     "data.num_val=2",

@@ -18,6 +18,7 @@ from iedp.config import load_config
 from iedp.engine.train import train
 
 COMMON = [
+    "model.weights=tiny",
     "data.resolution=64",
     "data.num_train=16",
     "data.num_val=2",

@@ -1,0 +1,103 @@
+"""Settings of the miniature pre-training (tiny VAE, CLIP and text-to-image UNet on synthetic scenes).
+
+The defaults fit in about 6-8 minutes on a 2-core CPU; :data:`QUICK_CONFIG` runs every stage for a few steps
+in seconds, for tests. Every field is part of the cache key of ``resolve_weights("tiny-pretrained")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """One pre-training run: data, the three stages and the report's evaluation."""
+
+    # data
+    seed: int = 0  # seeds make_tiny's initialisation and each stage's batches, noise and captions
+    data_seed: int = 1  # SyntheticScenes seed of these scenes (the demo's is 0: they never overlap)
+    resolution: int = 128  # render size of every scene, the demo's; the VAE and UNet are convolutional
+    num_train: int = 3000  # training scenes, rendered once and kept in memory
+    num_heldout: int = 240  # held-out scenes (split "val" of data_seed) for the report's figures
+
+    # shared by the three optimisers: AdamW, linear warm-up then cosine decay, gradient norm clipped to 1
+    warmup_fraction: float = 0.05  # share of each stage's steps spent warming up
+    weight_decay: float = 0.01  # on weights of rank >= 2 only (not on norms and biases)
+    log_every: int = 25  # log the mean loss every this many steps
+
+    # (a) VAE: reconstruction (MSE) + a small KL term, on random crops
+    vae_steps: int = 1000
+    vae_batch: int = 8
+    vae_crop: int = 64  # side of the random square crops (a multiple of the VAE's factor 8)
+    vae_lr: float = 4e-3
+    vae_kl_weight: float = 1e-4  # on the KL divergence per latent element (the MSE is per pixel value)
+
+    # (b) CLIP: symmetric InfoNCE on (image, caption) pairs, images resized as the implicit branch does
+    clip_steps: int = 1200
+    clip_batch: int = 128
+    clip_lr: float = 2e-3
+
+    # (c) UNet: latent text-to-image diffusion, epsilon prediction, SD's scaled-linear DDPM schedule
+    unet_steps: int = 900
+    unet_batch: int = 32
+    unet_lr: float = 2e-3
+    unet_resolution: int = 128  # image size whose latents the UNet is trained on (renders are resized)
+    snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); None: plain MSE
+    caption_dropout: float = 0.1  # share of captions replaced by "" (unconditional, for guidance)
+    object_tokens: bool = True  # context = caption token + one class token per class the caption names
+    class_template: str = "a photo of a {}."  # prompt of a class token, as IEDP's class-token bank
+
+    # report
+    retrieval_gallery: int = 48  # images (and captions) per retrieval gallery; chance recall@1 = 1 / this
+    denoise_draws: int = 4  # (noise, timestep) draws per held-out scene for the denoising-loss comparison
+    samples_per_scene: int = 8  # generated images per scene type (grid columns, zero-shot check)
+    sample_steps: int = 25  # DDIM sampling steps
+    guidance_scale: float = 5.0  # classifier-free guidance of the samples
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_train",
+            "num_heldout",
+            "vae_batch",
+            "clip_batch",
+            "unet_batch",
+            "retrieval_gallery",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PretrainConfig.{name}: must be positive, got {getattr(self, name)}")
+        if self.retrieval_gallery > self.num_heldout:
+            raise ValueError(
+                f"PretrainConfig.retrieval_gallery: {self.retrieval_gallery} exceeds num_heldout "
+                f"{self.num_heldout}"
+            )
+        for name in ("vae_crop", "resolution", "unet_resolution"):
+            if getattr(self, name) % 8:
+                raise ValueError(
+                    f"PretrainConfig.{name}: must be a multiple of the VAE factor 8, got {getattr(self, name)}"
+                )
+        if self.vae_crop > self.resolution or self.unet_resolution > self.resolution:
+            raise ValueError(
+                f"PretrainConfig: vae_crop {self.vae_crop} and unet_resolution {self.unet_resolution} must not "
+                f"exceed the render resolution {self.resolution}"
+            )
+
+
+QUICK_CONFIG = PretrainConfig(
+    resolution=64,
+    num_train=48,
+    num_heldout=24,
+    log_every=5,
+    vae_steps=12,
+    vae_batch=4,
+    vae_crop=32,
+    clip_steps=12,
+    clip_batch=16,
+    unet_steps=12,
+    unet_batch=8,
+    unet_resolution=64,
+    retrieval_gallery=12,
+    denoise_draws=1,
+    samples_per_scene=2,
+    sample_steps=3,
+)
+"""Every stage for a few steps on a few scenes (seconds): for tests, not for use."""

@@ -1,0 +1,286 @@
+"""The miniature pre-training, start to finish, and its cache behind ``resolve_weights("tiny-pretrained")``.
+
+``pretrain_tiny`` starts from :func:`iedp.weights.make_tiny` (same classes, sizes and tokenizer) and trains,
+in order: (a) the VAE, (b) CLIP, (c) the UNet as a text-to-image model on (a)'s latents and (b)'s text tower.
+Each part is saved in its standard format as soon as it is trained, and read back through the project's
+loaders (``load_clip``) before the next stage uses it, so the folder works as ``model.weights`` like any
+SD + CLIP folder: ``unet/``, ``vae/`` (diffusers), ``clip/`` (transformers, with the tokenizer), plus
+``scheduler/`` (the training noise schedule) and the report (``report.md``, ``report.json``, ``samples.png``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPModel, CLIPTokenizer
+
+from iedp.data.prompts import scene_prompt
+from iedp.data.synthetic import RENDERER_VERSION, SYNTHETIC_SCENES
+from iedp.models.guidance import ExplicitGuidance, ImplicitGuidance
+from iedp.pretrain.clip import evaluate_clip, train_clip, zero_shot_scenes
+from iedp.pretrain.config import PretrainConfig
+from iedp.pretrain.data import SceneSet, render_scenes
+from iedp.pretrain.report import sample_grid, to_uint8, write_report
+from iedp.pretrain.text_to_image import Conditioner, denoising_losses, generate, noise_scheduler, train_unet
+from iedp.pretrain.vae import encode_latents, evaluate_vae, latent_scaling_factor, train_vae
+from iedp.weights import TINY_VERSION, _cache_root, load_clip, load_stable_diffusion, make_tiny
+
+logger = logging.getLogger(__name__)
+
+PRETRAIN_VERSION = "1"
+"""Bump whenever the same config trains different weights (part of the cache key)."""
+
+DEFAULT_CONFIG = PretrainConfig()
+"""The config of ``resolve_weights("tiny-pretrained")``."""
+
+# The tiny models' operations are too small to gain from intra-op threads, and threads that wait for each other
+# stall whenever another job holds a core: on a shared 2-core machine one thread ran each stage 3x faster than
+# two. Restored afterwards.
+_NUM_THREADS = 1
+
+
+def cache_key(config: PretrainConfig) -> str:
+    """12 hex digits of a hash of the tiny preset's, the renderer's and this code's versions and ``config``."""
+    payload = {
+        "tiny": TINY_VERSION,
+        "renderer": RENDERER_VERSION,
+        "pretrain": PRETRAIN_VERSION,
+        "config": dataclasses.asdict(config),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def pretrained_tiny_dir(config: PretrainConfig | None = None) -> Path:
+    """The pre-trained tiny weights (``$IEDP_CACHE`` or ``~/.cache/iedp``)/``tiny-pretrained-<key>``.
+
+    Built by :func:`pretrain_tiny` on first use (``config`` defaults to :data:`DEFAULT_CONFIG`), in a temporary
+    folder beside the target that is renamed into place, so a crash never leaves a half-trained folder and
+    concurrent builders all end with one complete folder.
+    """
+    config = config or DEFAULT_CONFIG
+    target = _cache_root() / f"tiny-pretrained-{cache_key(config)}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        logger.info("pre-training the tiny weights into %s (cached for later runs)", target)
+        pretrain_tiny(staging, config)
+        os.replace(staging, target)
+    except OSError:
+        # Another process renamed its build into place first; keep theirs.
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def pretrain_tiny(out_dir: str | Path, config: PretrainConfig | None = None) -> Path:
+    """Pre-train the tiny VAE, CLIP and text-to-image UNet on synthetic scenes into ``out_dir``; returns it.
+
+    ``config`` defaults to :data:`DEFAULT_CONFIG`. Writes ``unet/``, ``vae/``, ``clip/``, ``scheduler/``,
+    ``report.json``, ``report.md`` and ``samples.png``. Runs on the CPU with one intra-op thread (see
+    ``_NUM_THREADS``); the caller's thread count is restored afterwards.
+    """
+    config = config or DEFAULT_CONFIG
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(_NUM_THREADS)
+    try:
+        return _pretrain(Path(out_dir), config)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _pretrain(out: Path, config: PretrainConfig) -> Path:
+    """The stages of :func:`pretrain_tiny`, in order, and the report."""
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(stage: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[stage] = now - since
+        logger.info("%s done in %.0f s", stage, timings[stage])
+        return now
+
+    make_tiny(out, seed=config.seed)
+    train = render_scenes("train", config.num_train, config.resolution, config.data_seed)
+    heldout = render_scenes("val", config.num_heldout, config.resolution, config.data_seed)
+    clock = lap("render", start)
+
+    unet, vae = load_stable_diffusion(str(out))
+    vae_report, latents = _vae_stage(vae, train, heldout, config, out)
+    clock = lap("vae", clock)
+
+    implicit, explicit, clip_report = _clip_stage(train, heldout, config, out)
+    clock = lap("clip", clock)
+
+    conditioner = Conditioner(explicit, config.class_template, config.object_tokens)
+    unet_losses = train_unet(unet, latents, vae.config.scaling_factor, train, conditioner, config)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    noise_scheduler().save_pretrained(out / "scheduler")
+    clock = lap("unet", clock)
+
+    unet_report = _evaluate_unet(unet, vae, implicit, conditioner, heldout, config, out)
+    lap("evaluation", clock)
+    timings["total"] = time.perf_counter() - start
+
+    report = {
+        "key": cache_key(config),
+        "versions": {"tiny": TINY_VERSION, "renderer": RENDERER_VERSION, "pretrain": PRETRAIN_VERSION},
+        "config": dataclasses.asdict(config),
+        "timings_s": timings,
+        "vae": vae_report,
+        "clip": clip_report,
+        "unet": unet_report,
+        "losses": {"vae": vae_report.pop("losses"), "clip": clip_report.pop("losses"), "unet": unet_losses},
+    }
+    write_report(out, report)
+    logger.info(
+        "pre-trained tiny weights in %s (%.0f s); report: %s", out, timings["total"], out / "report.md"
+    )
+    return out
+
+
+def _vae_stage(
+    vae: AutoencoderKL, train: SceneSet, heldout: SceneSet, config: PretrainConfig, out: Path
+) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
+    """Train and save the VAE (with its latent scaling factor); returns its report and the training latents."""
+    random_init = evaluate_vae(vae, heldout)
+    losses = train_vae(vae, train, config)
+    trained = evaluate_vae(vae, heldout)
+    latents = encode_latents(vae, train, config.unet_resolution)
+    vae.register_to_config(scaling_factor=latent_scaling_factor(latents[0]))
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    logger.info(
+        "vae: held-out PSNR %.2f dB (random init %.2f, mean colour %.2f, thumbnail %.2f)",
+        trained["psnr_vae"],
+        random_init["psnr_vae"],
+        trained["psnr_mean_colour"],
+        trained["psnr_thumbnail"],
+    )
+    report = {
+        "random_init": random_init,
+        "trained": trained,
+        "scaling_factor": vae.config.scaling_factor,
+        "losses": losses,
+    }
+    return report, latents
+
+
+def _clip_stage(
+    train: SceneSet, heldout: SceneSet, config: PretrainConfig, out: Path
+) -> tuple[ImplicitGuidance, ExplicitGuidance, dict[str, Any]]:
+    """Train and save CLIP; returns IEDP's two guidance branches on the saved towers, and the CLIP report."""
+    clip_dir = out / "clip"
+    random_init = evaluate_clip(*_guidance(clip_dir), heldout, config.retrieval_gallery)
+    clip = CLIPModel.from_pretrained(clip_dir)
+    losses = train_clip(clip, CLIPTokenizer.from_pretrained(clip_dir), train, config)
+    clip.save_pretrained(clip_dir, safe_serialization=True)
+    implicit, explicit = _guidance(clip_dir)
+    trained = evaluate_clip(implicit, explicit, heldout, config.retrieval_gallery)
+    logger.info(
+        "clip: held-out zero-shot scene accuracy %.3f (random init %.3f, chance %.3f), recall@1 i2t %.3f t2i %.3f",
+        trained["zero_shot_accuracy"],
+        random_init["zero_shot_accuracy"],
+        1 / len(SYNTHETIC_SCENES),
+        trained["i2t_r1"],
+        trained["t2i_r1"],
+    )
+    report = {
+        "random_init": random_init,
+        "trained": trained,
+        "num_scene_types": len(SYNTHETIC_SCENES),
+        "losses": losses,
+    }
+    return implicit, explicit, report
+
+
+def _guidance(clip_dir: Path) -> tuple[ImplicitGuidance, ExplicitGuidance]:
+    """IEDP's implicit and explicit branches on the CLIP saved in ``clip_dir``, read by ``load_clip``."""
+    vision, text, tokenizer = load_clip(str(clip_dir))
+    return ImplicitGuidance(vision), ExplicitGuidance(text, tokenizer)
+
+
+@torch.no_grad()
+def _evaluate_unet(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    implicit: ImplicitGuidance,
+    conditioner: Conditioner,
+    heldout: SceneSet,
+    config: PretrainConfig,
+    out: Path,
+) -> dict[str, Any]:
+    """The UNet's figures (denoising MSE by context, zero-shot scene accuracy of its samples) and samples.png.
+
+    The samples' accuracy is read against the same CLIP on real held-out scenes passed through the VAE, the
+    best the samples can reach once decoded by this VAE.
+    """
+    size, scaling_factor = config.unet_resolution, vae.config.scaling_factor
+    heldout_latents, _ = encode_latents(vae, heldout, size)
+    denoising = denoising_losses(
+        unet, heldout_latents, scaling_factor, heldout, conditioner, config.denoise_draws, config.seed
+    )
+    prompts = [scene_prompt(scene) for scene in SYNTHETIC_SCENES for _ in range(config.samples_per_scene)]
+    samples = generate(
+        unet,
+        vae,
+        scaling_factor,
+        conditioner,
+        prompts,
+        size,
+        config.sample_steps,
+        config.guidance_scale,
+        config.seed,
+    )
+    explicit = conditioner.explicit
+    intended = torch.arange(len(SYNTHETIC_SCENES)).repeat_interleave(config.samples_per_scene)
+    sample_accuracy = (zero_shot_scenes(implicit, explicit, samples) == intended).float().mean().item()
+    reconstructions = vae.decode(heldout_latents).sample.clamp(-1, 1)
+    truth = torch.tensor([SYNTHETIC_SCENES.index(scene) for scene in heldout.scenes])
+    reconstruction_accuracy = (
+        (zero_shot_scenes(implicit, explicit, reconstructions) == truth).float().mean().item()
+    )
+    sample_grid(_grid_rows(samples, heldout, config)).save(out / "samples.png")
+    logger.info(
+        "unet: CLIP finds the prompted scene in %.3f of the samples (%.3f of VAE-decoded real scenes)",
+        sample_accuracy,
+        reconstruction_accuracy,
+    )
+    return {
+        "denoising_mse": denoising,
+        "samples_per_scene": config.samples_per_scene,
+        "sample_zero_shot_accuracy": sample_accuracy,
+        "reconstruction_zero_shot_accuracy": reconstruction_accuracy,
+    }
+
+
+def _grid_rows(
+    samples: torch.Tensor, heldout: SceneSet, config: PretrainConfig
+) -> list[tuple[str, np.ndarray, list[np.ndarray]]]:
+    """(scene, its first held-out image, or white if none, and its generated images) for each scene type."""
+    generated = to_uint8(samples)
+    size, per_scene = config.unet_resolution, config.samples_per_scene
+    rows = []
+    for row, scene in enumerate(SYNTHETIC_SCENES):
+        index = next((i for i, name in enumerate(heldout.scenes) if name == scene), None)
+        real = (
+            to_uint8(heldout.float_images(slice(index, index + 1), size))[0]
+            if index is not None
+            else np.full((size, size, 3), 255, dtype=np.uint8)
+        )
+        rows.append((scene.replace("_", " "), real, generated[row * per_scene : (row + 1) * per_scene]))
+    return rows

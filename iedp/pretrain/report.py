@@ -1,0 +1,134 @@
+"""The pre-training report: ``report.json`` (every figure, timing, setting and loss curve), ``report.md`` (the
+figures for people) and ``samples.png`` (rows = scene types: one real held-out scene, then generated images)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from iedp.visualize import BACKGROUND, panel
+
+
+def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    """Float (B, 3, H, W) in [-1, 1] -> B uint8 H x W x 3 arrays."""
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return list(pixels.permute(0, 2, 3, 1).numpy())
+
+
+def sample_grid(rows: Sequence[tuple[str, np.ndarray, Sequence[np.ndarray]]]) -> Image.Image:
+    """One titled row per ``(scene, real image, generated images)``, stacked top to bottom on white."""
+    strips = [
+        panel([real, *generated], [f"real {scene}", *[f"gen {scene}"] * len(generated)])
+        for scene, real, generated in rows
+    ]
+    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), BACKGROUND)
+    top = 0
+    for strip in strips:
+        grid.paste(strip, (0, top))
+        top += strip.height
+    return grid
+
+
+def loss_summary(losses: Sequence[float]) -> tuple[float, float]:
+    """Mean loss of the first and of the last tenth of the steps (at least one step each)."""
+    span = max(1, len(losses) // 10)
+    return float(np.mean(losses[:span])), float(np.mean(losses[-span:]))
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """Write ``report.json`` as given and ``report.md`` from it."""
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(markdown(report), encoding="utf-8")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The figures of ``report`` (as built by :func:`iedp.pretrain.pipeline.pretrain_tiny`) as Markdown."""
+    config, timings = report["config"], report["timings_s"]
+    vae, clip, unet = report["vae"], report["clip"], report["unet"]
+    losses = {stage: loss_summary(curve) for stage, curve in report["losses"].items()}
+    heldout = config["num_heldout"]
+    lines = [
+        "# Tiny pre-trained weights: report",
+        "",
+        f"Cache key `{report['key']}` (tiny preset v{report['versions']['tiny']}, renderer "
+        f"v{report['versions']['renderer']}, pretrain v{report['versions']['pretrain']}). "
+        f"{config['num_train']} training and {heldout} held-out synthetic scenes at "
+        f"{config['resolution']}x{config['resolution']}; every figure below is on the held-out scenes.",
+        "",
+        "## Timings (seconds)",
+        "",
+        "| render | VAE | CLIP | UNet | evaluation and report | total |",
+        "|---|---|---|---|---|---|",
+        f"| {timings['render']:.0f} | {timings['vae']:.0f} | {timings['clip']:.0f} | {timings['unet']:.0f} "
+        f"| {timings['evaluation']:.0f} | {timings['total']:.0f} |",
+        "",
+        "## Training losses (mean of the first / last tenth of the steps)",
+        "",
+        "| stage | steps | first | last |",
+        "|---|---|---|---|",
+        *[
+            f"| {stage} | {len(report['losses'][stage])} | {first:.4f} | {last:.4f} |"
+            for stage, (first, last) in losses.items()
+        ],
+        "",
+        "## (a) VAE: reconstruction PSNR (dB)",
+        "",
+        "| reconstruction | PSNR |",
+        "|---|---|",
+        f"| pre-trained VAE (posterior mean -> decoder) | {vae['trained']['psnr_vae']:.2f} |",
+        f"| random-init VAE | {vae['random_init']['psnr_vae']:.2f} |",
+        f"| baseline: each image's mean colour | {vae['trained']['psnr_mean_colour']:.2f} |",
+        f"| baseline: 1/8 thumbnail, bilinear upsampling | {vae['trained']['psnr_thumbnail']:.2f} |",
+        "",
+        f"Colour kept (chroma energy of the reconstructions / of the inputs): "
+        f"{vae['trained']['chroma_ratio']:.2f}. Latent scaling factor (1 / std of the training latents, saved in "
+        f"vae/config.json): {vae['scaling_factor']:.4f}.",
+        "",
+        "## (b) CLIP: zero-shot scene type and image <-> caption retrieval",
+        "",
+        f'Zero-shot: nearest of the {clip["num_scene_types"]} prompts "a photo of a {{scene}}" (chance '
+        f"{1 / clip['num_scene_types']:.3f}). Retrieval: galleries of {clip['trained']['gallery']} held-out "
+        f'images and their captions ("a photo of a kitchen with a refrigerator, a cabinet and a sink"; chance '
+        f"recall@1 {1 / clip['trained']['gallery']:.3f}), averaged over "
+        f"{clip['trained']['num_scenes'] // clip['trained']['gallery']} galleries.",
+        "",
+        "| CLIP | zero-shot accuracy | image->text R@1 | text->image R@1 | image->text R@5 | text->image R@5 |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {name} | {figures['zero_shot_accuracy']:.3f} | {figures['i2t_r1']:.3f} | {figures['t2i_r1']:.3f} "
+            f"| {figures['i2t_r5']:.3f} | {figures['t2i_r5']:.3f} |"
+            for name, figures in (("pre-trained", clip["trained"]), ("random init", clip["random_init"]))
+        ],
+        "",
+        "## (c) UNet: text-to-image diffusion",
+        "",
+        "Held-out noise-prediction MSE on the same noise and timesteps, by context (lower is better; a UNet "
+        "that uses the text ranks them caption < scene only < empty < wrong scene):",
+        "",
+        "| own caption | scene only | empty caption | caption of another scene type |",
+        "|---|---|---|---|",
+        f"| {unet['denoising_mse']['caption']:.4f} | {unet['denoising_mse']['scene_only']:.4f} "
+        f"| {unet['denoising_mse']['empty']:.4f} | {unet['denoising_mse']['wrong_scene']:.4f} |",
+        "",
+        f'Generated images: {unet["samples_per_scene"]} per scene type from "a photo of a {{scene}}" '
+        f"({config['sample_steps']} DDIM steps, guidance scale {config['guidance_scale']}), decoded by the VAE. "
+        f"The pre-trained CLIP classifies {unet['sample_zero_shot_accuracy']:.3f} of them as the prompted scene "
+        f"type (chance {1 / clip['num_scene_types']:.3f}; real held-out scenes: "
+        f"{clip['trained']['zero_shot_accuracy']:.3f} as rendered, "
+        f"{unet['reconstruction_zero_shot_accuracy']:.3f} through the VAE, the samples' ceiling). Grid: "
+        "`samples.png`, one real held-out scene first in each row.",
+        "",
+        "## Settings",
+        "",
+        "```json",
+        json.dumps(config, indent=1),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

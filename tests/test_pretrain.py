@@ -1,0 +1,182 @@
+"""The miniature pre-training (iedp.pretrain): each stage on a few steps, the saved folder, the report, the cache."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iedp.cli import main
+from iedp.models.guidance import ExplicitGuidance
+from iedp.pretrain import QUICK_CONFIG, PretrainConfig, cache_key, pipeline
+from iedp.pretrain.clip import recall_at
+from iedp.pretrain.data import SceneSet, caption, sample_caption, visible_classes
+from iedp.pretrain.text_to_image import Conditioner
+from iedp.pretrain.vae import psnr, random_crops
+from iedp.weights import load_clip, load_stable_diffusion, make_tiny, resolve_weights
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pretrain_cache")
+
+
+@pytest.fixture(scope="module")
+def pretrained(cache_dir) -> Path:
+    """``resolve_weights("tiny-pretrained")`` with the quick config, built once into a fresh cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IEDP_CACHE", str(cache_dir))
+        patch.setattr(pipeline, "DEFAULT_CONFIG", QUICK_CONFIG)
+        sd_path, clip_path = resolve_weights("tiny-pretrained")
+    assert clip_path == str(Path(sd_path) / "clip"), "the CLIP part is the folder's clip/"
+    return Path(sd_path)
+
+
+@pytest.fixture(scope="module")
+def report(pretrained) -> dict:
+    return json.loads((pretrained / "report.json").read_text())
+
+
+@pytest.mark.parametrize("stage", ["vae", "clip", "unet"])
+def test_stage_loss_falls(report, stage):
+    losses = report["losses"][stage]
+    assert len(losses) == getattr(QUICK_CONFIG, f"{stage}_steps")
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), f"{stage} losses {losses}"
+
+
+def test_folder_loads_through_the_standard_loaders(pretrained, tmp_path):
+    assert pretrained.name == f"tiny-pretrained-{cache_key(QUICK_CONFIG)}"
+    unet, vae = load_stable_diffusion(str(pretrained))
+    vision, text, tokenizer = load_clip(str(pretrained / "clip"))
+    assert unet.config.cross_attention_dim == vision.config.projection_dim == text.config.projection_dim == 32
+    assert tokenizer("a photo of a kitchen").input_ids[0] == tokenizer.bos_token_id
+    assert vae.config.scaling_factor == pytest.approx(report_scaling(pretrained))
+    assert (pretrained / "scheduler" / "scheduler_config.json").is_file()
+    # Every part was trained: its weights differ from the preset it started from.
+    make_tiny(tmp_path, seed=QUICK_CONFIG.seed)
+    start_unet, start_vae = load_stable_diffusion(str(tmp_path))
+    start_vision, start_text, _ = load_clip(str(tmp_path / "clip"))
+    for trained, start in ((unet, start_unet), (vae, start_vae), (vision, start_vision), (text, start_text)):
+        assert not all(
+            torch.equal(a, b)
+            for a, b in zip(trained.state_dict().values(), start.state_dict().values(), strict=True)
+        ), type(trained).__name__
+
+
+def report_scaling(folder: Path) -> float:
+    return json.loads((folder / "report.json").read_text())["vae"]["scaling_factor"]
+
+
+def test_report_lists_the_evidence(pretrained, report):
+    for key in ("psnr_vae", "psnr_mean_colour", "psnr_thumbnail", "chroma_ratio"):
+        assert np.isfinite(report["vae"]["trained"][key]) and np.isfinite(report["vae"]["random_init"][key])
+    for key in ("zero_shot_accuracy", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"):
+        assert 0 <= report["clip"]["trained"][key] <= 1
+    assert report["clip"]["trained"]["gallery"] == QUICK_CONFIG.retrieval_gallery
+    assert set(report["unet"]["denoising_mse"]) == {"caption", "scene_only", "empty", "wrong_scene"}
+    assert 0 <= report["unet"]["sample_zero_shot_accuracy"] <= 1
+    assert report["config"] == dataclasses.asdict(QUICK_CONFIG)
+    assert report["timings_s"]["total"] >= report["timings_s"]["vae"] > 0
+    text = (pretrained / "report.md").read_text()
+    for phrase in ("PSNR", "zero-shot accuracy", "R@1", "noise-prediction MSE", "samples.png"):
+        assert phrase in text
+    grid = Image.open(pretrained / "samples.png")
+    size = QUICK_CONFIG.unet_resolution
+    assert grid.width == (1 + QUICK_CONFIG.samples_per_scene) * size  # a real scene, then the samples
+    assert grid.height > 6 * size  # six scene types, each under its titles
+
+
+def test_resolve_weights_reuses_the_cache(pretrained, cache_dir, monkeypatch):
+    monkeypatch.setenv("IEDP_CACHE", str(cache_dir))
+    monkeypatch.setattr(pipeline, "DEFAULT_CONFIG", QUICK_CONFIG)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("pre-trained again despite the cache")
+
+    monkeypatch.setattr(pipeline, "pretrain_tiny", fail)
+    assert resolve_weights("tiny-pretrained") == (str(pretrained), str(pretrained / "clip"))
+
+
+def test_cache_key_covers_versions_and_config(monkeypatch):
+    key = cache_key(QUICK_CONFIG)
+    assert cache_key(dataclasses.replace(QUICK_CONFIG, unet_steps=13)) != key
+    monkeypatch.setattr(pipeline, "RENDERER_VERSION", "changed")
+    assert cache_key(QUICK_CONFIG) != key
+
+
+def test_cli_writes_the_folder(tmp_path, capsys):
+    assert main(["pretrain-tiny", str(tmp_path / "out"), "--quick"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out")
+    for name in ("unet", "vae", "clip", "report.md", "report.json", "samples.png"):
+        assert (tmp_path / "out" / name).exists(), name
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="vae_crop"):
+        PretrainConfig(vae_crop=60)
+    with pytest.raises(ValueError, match="retrieval_gallery"):
+        PretrainConfig(num_heldout=10, retrieval_gallery=20)
+
+
+def _scene_set() -> SceneSet:
+    label = np.zeros((10, 10), dtype=np.uint8)  # wall
+    label[5:] = 1  # floor
+    label[6:9, 2:8] = 4  # table
+    label[2:4, 2:3] = 7  # lamp, 2 pixels
+    return SceneSet(
+        images=torch.zeros(1, 3, 10, 10, dtype=torch.uint8),
+        scenes=["dining_room"],
+        classes=[visible_classes(label)],
+    )
+
+
+def test_captions():
+    scenes = _scene_set()
+    assert scenes.classes[0] == ["wall", "floor", "table", "lamp"]  # largest first, every class >= 0.5%
+    assert scenes.objects(0) == ["table", "lamp"]
+    assert (
+        caption("kitchen", ["table", "chair", "lamp"])
+        == "a photo of a kitchen with a table, a chair and a lamp"
+    )
+    assert caption("living_room", []) == "a photo of a living room"
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        text, named = sample_caption(scenes, 0, rng)
+        seen.add(text)
+        assert all(name in text for name in named)
+    assert {
+        "a photo of a dining room",
+        "a photo of a wall, floor, table and lamp",
+        "a photo of a dining room with a table and a lamp",
+        "a photo of a dining room with a lamp and a table",
+        "a photo of a dining room with a table",
+        "a photo of a dining room with a lamp",
+    } == seen
+
+
+def test_pure_functions():
+    similarity = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.2, 0.1], [0.0, 0.1, 0.5]])
+    assert recall_at(similarity, 1) == pytest.approx(2 / 3)  # row 1 ranks its own column second
+    assert recall_at(similarity, 2) == pytest.approx(1.0)
+    images = torch.zeros(1, 3, 4, 4)
+    assert psnr(images + 0.2, images).item() == pytest.approx(10 * np.log10(4 / 0.04))
+    crops = random_crops(
+        torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).view(2, 3, 8, 8), 4, torch.Generator()
+    )
+    assert crops.shape == (2, 3, 4, 4)
+
+
+def test_conditioner_pads_the_class_tokens(pretrained):
+    _, text, tokenizer = load_clip(str(pretrained / "clip"))
+    conditioner = Conditioner(ExplicitGuidance(text, tokenizer), "a photo of a {}.", object_tokens=True)
+    context, mask = conditioner(
+        ["a photo of a kitchen", "a photo of a wall, floor and lamp"], [[], ["wall", "lamp"]]
+    )
+    assert context.shape == (2, 3, 32) and mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert torch.equal(context[1, 2], conditioner.class_tokens[7])  # lamp
+    plain = Conditioner(ExplicitGuidance(text, tokenizer), "a photo of a {}.", object_tokens=False)
+    assert plain(["a photo of a kitchen"], [["lamp"]])[0].shape == (1, 1, 32)
