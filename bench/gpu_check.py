@@ -1,0 +1,269 @@
+"""GPU check of the real-size IEDP segmentation model in bf16: throughput, peak memory, projected ADE20K run time.
+
+Measured on one GPU, in one process, with the model of :mod:`bench.speed` (SD v1.5 UNet/VAE + CLIP ViT-L/14
+with random weights, ADE20K's 150 classes, ``iedp`` method, our attention):
+
+- inference (the implicit branch, as at test time) at 512×512, batch 1 and 16, in images/s; at batch 16 also
+  the VPD-style attention baseline, for the speed ratio on GPU;
+- one training step (both branches in one 2B UNet call, backward, AdamW) at batch 2 and 8, with and without
+  gradient checkpointing; at batch 2 also the baseline;
+- peak memory of each (``torch.cuda.max_memory_allocated`` after a reset; the weights are included);
+- the projected wall time of the ADE20K recipe (80k iterations, 8 GPUs × batch 2): 80000 × the batch-2 step
+  time, assuming linear DDP scaling (each GPU runs its batch-2 step at the single-GPU speed; gradient all-reduce,
+  data loading and evaluation are not counted), as wall-clock hours and as GPU-hours (× 8).
+
+Each measurement is the median of ``--repeats`` calls after ``--warmup`` calls, with ``torch.cuda.synchronize``
+around each; cuDNN autotuning is on (fixed shapes). A CUDA out-of-memory error is recorded for its
+configuration, not raised. Measurements stop when ``--budget-s`` is spent (the rest are recorded as skipped).
+``bf16`` is the training recipe's: frozen parts cast to bf16, the rest under ``torch.autocast``.
+JSON goes to ``OUT_DIR/gpu_check.json`` (rewritten after each measurement) and a markdown table is printed.
+``--tiny`` runs the same code on the tiny preset at 64×64 (a dry run that fits a CPU, in fp32 there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from bench.speed import (
+    ROOT,
+    AttentionVariants,
+    PeakMemory,
+    append_rows,
+    build_parts,
+    build_seg_model,
+    machine,
+    machine_label,
+    make_batch,
+    prepare,
+    stage_call,
+    time_calls,
+)
+from iedp.models.iedp import IEDPModel
+
+logger = logging.getLogger(__name__)
+
+RECIPE_ITERATIONS = 80_000  # ADE20K: 80k iterations
+RECIPE_GPUS = 8  # 8 GPUs × batch 2 = batch 16
+RECIPE_BATCH_PER_GPU = 2
+GOALS = {"inference_images_per_s_batch16": 100.0, "ade20k_80k_gpu_hours": 8.0}
+SECTION = "GPU check: bf16 throughput and ADE20K projection (bench/gpu_check.sh)"
+HEADER = "| date | machine | stage | variant | batch | grad ckpt | median s (n) | img/s | peak GiB | note |"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One measurement: a stage of the segmentation model at a batch size."""
+
+    stage: str  # inference | train
+    batch_size: int
+    gradient_checkpointing: bool = False
+    variant: str = "ours"
+
+
+CHECKS = (
+    Check("inference", 1),
+    Check("inference", 16),
+    Check("train", 2),
+    Check("train", 8),
+    Check("train", 2, gradient_checkpointing=True),
+    Check("train", 8, gradient_checkpointing=True),
+    Check("inference", 16, variant="baseline"),
+    Check("train", 2, variant="baseline"),
+)
+
+
+def run_check(
+    model: IEDPModel,
+    variants: AttentionVariants,
+    check: Check,
+    size: int,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> dict:
+    """Time one check; out-of-memory is recorded instead of raised."""
+    record = {**asdict(check), "size": size}
+    if check.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    else:
+        model.unet.disable_gradient_checkpointing()
+    variants.use(check.variant)
+    batch = make_batch(check.batch_size, size, model.num_classes, device, args.seed)
+    memory = PeakMemory(device)
+    try:
+        memory.start()
+        fn = stage_call(model, check.stage, batch, args.dtype, channels_last=False)
+        times, _ = time_calls(fn, device, args.warmup, args.repeats)
+        median = statistics.median(times)
+        record |= {"times_s": times, "median_s": median, "images_per_s": check.batch_size / median}
+        record["memory"] = memory.report()
+    except torch.OutOfMemoryError as error:
+        logger.warning("%s: out of memory", check)
+        record["error"] = f"CUDA out of memory: {str(error).splitlines()[0]}"
+    finally:
+        model.zero_grad(set_to_none=True)
+        variants.use("ours")
+        del batch
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return record
+
+
+def projection(records: list[dict]) -> dict | None:
+    """ADE20K 80k iterations on 8 GPUs from the fastest measured batch-2 training step of our model."""
+    steps = [
+        r
+        for r in records
+        if r["stage"] == "train" and r["variant"] == "ours" and r["batch_size"] == 2 and "median_s" in r
+    ]
+    if not steps:
+        return None
+    best = min(steps, key=lambda r: r["median_s"])
+    wall_h = RECIPE_ITERATIONS * best["median_s"] / 3600
+    return {
+        "step_s": best["median_s"],
+        "gradient_checkpointing": best["gradient_checkpointing"],
+        "wall_clock_hours": wall_h,
+        "gpu_hours": wall_h * RECIPE_GPUS,
+        "assumption": f"linear DDP scaling: {RECIPE_GPUS} GPUs × batch {RECIPE_BATCH_PER_GPU}, each at the "
+        f"single-GPU step time; all-reduce, data loading and evaluation not counted",
+    }
+
+
+def goals(records: list[dict], projected: dict | None) -> dict:
+    batch16 = next(
+        (
+            r
+            for r in records
+            if r["stage"] == "inference"
+            and r["variant"] == "ours"
+            and r["batch_size"] == 16
+            and "median_s" in r
+        ),
+        None,
+    )
+    report = {}
+    if batch16:
+        value = batch16["images_per_s"]
+        report["inference_images_per_s_batch16>=100"] = {"value": value, "met": value >= 100}
+    if projected:
+        value = projected["gpu_hours"]
+        report["ade20k_80k_gpu_hours<8"] = {"value": value, "met": value < 8}
+    return report
+
+
+def table_rows(summary: dict) -> list[str]:
+    rows = []
+    label = machine_label(summary["machine"])
+    for r in summary["records"]:
+        timing = ["", "", ""]
+        if "median_s" in r:
+            timing = [
+                f"{r['median_s']:.3f} ({len(r['times_s'])})",
+                f"{r['images_per_s']:.1f}",
+                f"{r['memory']['peak_bytes'] / 2**30:.2f}",
+            ]
+        note = r.get("error", "") + (" tiny preset" if summary["tiny"] else "") + f" {summary['dtype']}"
+        cells = [summary["date"], label, r["stage"], r["variant"], str(r["batch_size"])]
+        cells += ["yes" if r["gradient_checkpointing"] else "no", *timing, note.strip()]
+        rows.append("| " + " | ".join(cells) + " |")
+    projected = summary["projection"]
+    if projected:
+        note = (
+            f"ADE20K 80k its × {projected['step_s']:.3f} s = {projected['wall_clock_hours']:.1f} h on "
+            f"{RECIPE_GPUS} GPUs = {projected['gpu_hours']:.1f} GPU-hours ({projected['assumption']})"
+        )
+        rows.append(f"| {summary['date']} | {label} | projection | ours | 2×{RECIPE_GPUS} | | | | | {note} |")
+    return rows
+
+
+def write(summary: dict, out_dir: Path) -> None:
+    (out_dir / "gpu_check.json").write_text(json.dumps(summary, indent=2))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Build the model once, run every check within the budget, project the recipe; JSON after each check."""
+    start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    size = 64 if args.tiny else 512
+    parts = build_parts(args.tiny, device, args.seed)
+    model = build_seg_model(parts, args.seed, False, 16 if args.tiny else 256)
+    variants = AttentionVariants(model)
+    prepare(model, args.dtype, channels_last=False)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "date": date.today().isoformat(),
+        "machine": machine(device),
+        "tiny": args.tiny,
+        "dtype": args.dtype,
+        "size": size,
+        "build_s": time.perf_counter() - start,
+        "records": [],
+        "projection": None,
+    }
+    logger.info("model built in %.1f s on %s", summary["build_s"], machine_label(summary["machine"]))
+    for check in CHECKS:
+        if time.perf_counter() - start > args.budget_s:
+            summary["records"].append({**asdict(check), "size": size, "error": "skipped: time budget spent"})
+            continue
+        logger.info("measuring %s", check)
+        summary["records"].append(run_check(model, variants, check, size, device, args))
+        write(summary, args.out_dir)
+    summary["projection"] = projection(summary["records"])
+    summary["goals"] = goals(summary["records"], summary["projection"])
+    summary["total_s"] = time.perf_counter() - start
+    write(summary, args.out_dir)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path, nargs="?", help="where gpu_check.json and gpu_check.md go")
+    parser.add_argument("--tiny", action="store_true", help="tiny preset at 64×64 (a CPU dry run)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--budget-s", type=float, default=360.0, help="start no measurement after this")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),
+        default=None,
+        help="default bf16 on a GPU, fp32 on a CPU (CPU bf16 kernels are too slow for a dry run)",
+    )
+    parser.add_argument(
+        "--rows-from",
+        type=Path,
+        default=None,
+        help="measure nothing: append this gpu_check.json to BENCHMARKS.md",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.rows_from:
+        append_rows(
+            ROOT / "BENCHMARKS.md", SECTION, HEADER, table_rows(json.loads(args.rows_from.read_text()))
+        )
+        return
+    if args.out_dir is None:
+        parser.error("OUT_DIR is required unless --rows-from is given")
+    if args.dtype is None:
+        args.dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    summary = run(args)
+    table = "\n".join([HEADER, "|" + "---|" * (HEADER.count("|") - 1), *table_rows(summary)])
+    (args.out_dir / "gpu_check.md").write_text(table + "\n")
+    print(table)
+    print(json.dumps({"projection": summary["projection"], "goals": summary["goals"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

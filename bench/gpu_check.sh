@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU check of the real-size IEDP segmentation model (see bench/gpu_check.py): bf16 inference and training
+# throughput, peak memory, and the projected ADE20K 80k-iteration run time. Finishes well within 8 minutes on
+# one H100. Writes OUT_DIR/gpu_check.json, OUT_DIR/gpu_check.md and OUT_DIR/gpu_check.log.
+#
+# usage: bash bench/gpu_check.sh OUT_DIR
+#   IEDP_BENCH_TINY=1  the tiny preset at 64x64 instead (a dry run that finishes in under a minute on a CPU)
+#
+# iedp is imported from this checkout (no install): the repository root is appended to PYTHONPATH, so
+# packages put in front of it (e.g. diffusers wheels unpacked into /tmp/site) keep their precedence.
+set -euo pipefail
+
+out=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+mkdir -p "$out"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$root"
+
+nvidia-smi -L || echo "nvidia-smi: no NVIDIA GPU visible"
+
+tiny_flag=""
+if [[ "${IEDP_BENCH_TINY:-0}" == 1 ]]; then
+    tiny_flag="--tiny --repeats 2 --warmup 1"
+    export IEDP_CACHE="${IEDP_CACHE:-$out/cache}"  # the tiny preset is built here, not in ~/.cache
+    # Tiny ops on a shared CPU: one thread avoids OpenMP spin-wait stalls that make a dry run take minutes.
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+fi
+
+cd "$root"
+python3 -c 'import sys, torch, diffusers, transformers, huggingface_hub as hub
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+      f"transformers {transformers.__version__}, huggingface_hub {hub.__version__}")'
+# 7 minutes at most for the measurements; the script itself stops starting new ones after --budget-s.
+timeout 420 python3 -m bench.gpu_check "$out" $tiny_flag 2>&1 | tee "$out/gpu_check.log"

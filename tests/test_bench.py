@@ -1,0 +1,136 @@
+"""bench/speed.py on the tiny preset: the worker's JSON, the fairness of the ours-vs-baseline comparison, and the
+bookkeeping that turns records into comparisons and BENCHMARKS.md rows."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "speed.py"
+RECORD_KEYS = {
+    "stage",
+    "variant",
+    "dtype",
+    "device",
+    "size",
+    "batch_size",
+    "gradient_checkpointing",
+    "channels_last",
+    "times_s",
+    "median_s",
+    "images_per_s",
+    "memory",
+    "load_average",
+    "build_s",
+    "parameters",
+    "machine",
+}
+
+
+@pytest.fixture(scope="module")
+def speed():
+    """bench/speed.py as a module (bench/ is not an installed package)."""
+    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def worker_run(tmp_path_factory):
+    """One tiny worker: every stage, ours and baseline alternating, 64x64, one timed repetition."""
+    out = tmp_path_factory.mktemp("speed")
+    command = [sys.executable, str(SCRIPT), "--worker", "--tiny", "--variant", "ours,baseline"]
+    command += ["--stage", "vae,unet,inference,train", "--size", "64", "--batch-size", "2"]
+    command += [
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--out",
+        str(out / "records.json"),
+        "--save-output",
+        str(out),
+    ]
+    subprocess.run(command, check=True, cwd=ROOT, timeout=300)
+    return json.loads((out / "records.json").read_text()), out
+
+
+def test_worker_json_has_positive_timings(worker_run, speed):
+    records, _ = worker_run
+    assert {(r["stage"], r["variant"]) for r in records} == {
+        (stage, variant) for stage in speed.STAGES for variant in speed.VARIANTS
+    }
+    for record in records:
+        assert record.keys() >= RECORD_KEYS
+        assert len(record["times_s"]) == 1
+        assert record["median_s"] > 0 and record["images_per_s"] > 0
+        assert record["parameters"]["unet"] > 0 and record["parameters"]["trainable"] > 0
+        if record["variant"] == "ours":  # the first variant of the worker: peak memory from a fresh state
+            memory = record["memory"]
+            assert memory["peak_bytes"] >= memory["base_bytes"] > 0
+            assert memory["extra_bytes"] == memory["peak_bytes"] - memory["base_bytes"]
+        else:
+            assert record["memory"] is None
+
+
+def test_baseline_output_equals_ours(worker_run):
+    """Same weights, different attention processors: the comparison is between equal models."""
+    _, out = worker_run
+    ours = torch.load(out / "ours_fp32.pt")
+    baseline = torch.load(out / "baseline_fp32.pt")
+    assert ours.shape == (2, 150, 64, 64)
+    torch.testing.assert_close(baseline, ours, atol=1e-4, rtol=0)
+
+
+def _record(speed, variant, median_s, extra_bytes, memory_only=False):
+    memory = (
+        None
+        if extra_bytes is None
+        else {"base_bytes": 1, "peak_bytes": 1 + extra_bytes, "extra_bytes": extra_bytes}
+    )
+    record = dict.fromkeys(speed.COMPARED_KEYS, None) | {"stage": "unet", "dtype": "fp32", "size": 512}
+    timing = {"median_s": median_s, "times_s": [median_s], "median_cpu_s": median_s, "threads": 2}
+    return (
+        record | timing | {"variant": variant, "device": "cpu", "memory": memory, "memory_only": memory_only}
+    )
+
+
+def test_comparisons_and_goals(speed):
+    records = [
+        _record(speed, "ours", 2.0, 100),
+        _record(speed, "baseline", 4.0, None),
+        _record(speed, "baseline", None, 400, memory_only=True),
+    ]
+    merged = speed.merge_memory(records)
+    assert len(merged) == 2 and merged[1]["memory"]["extra_bytes"] == 400
+    (compared,) = speed.comparisons(merged)
+    assert compared["speedup"] == compared["cpu_time_speedup"] == 2.0 and compared["memory_ratio"] == 0.25
+    goals = speed.goals([compared])
+    assert goals["unet_speedup>=1.5"]["met"] and goals["unet_memory_ratio<=0.5"]["met"]
+    assert goals["unet_speedup>=1.5"]["measure"] == "speedup"  # wall time unless single-threaded
+    assert "train_speedup>=1.5" not in goals
+    goals = speed.goals([compared | {"threads": 1, "cpu_time_speedup": 1.2}])
+    assert goals["unet_speedup>=1.5"] == {
+        "measure": "cpu_time_speedup",
+        "value": 1.2,
+        "met": False,
+        "size": 512,
+    }
+
+
+def test_append_rows_keeps_sections_apart(speed, tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    speed.append_rows(path, "A", "| x |", ["| 1 |"], "about A")
+    speed.append_rows(path, "B", "| y |", ["| 2 |"])
+    path.write_text(path.read_text().replace("| 1 |\n", "| 1 |\n\nnotes on A\n"))
+    speed.append_rows(path, "A", "| x |", ["| 3 |"])
+    text = path.read_text()
+    assert text.startswith("# Benchmarks")
+    assert "| x |\n|---|\n| 1 |\n| 3 |\n\nnotes on A\n\n## B\n\n| y |\n|---|\n| 2 |\n" in text
