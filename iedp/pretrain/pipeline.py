@@ -226,8 +226,8 @@ def _evaluate_unet(
 ) -> dict[str, Any]:
     """The UNet's figures (denoising MSE by context, zero-shot scene accuracy of its samples) and samples.png.
 
-    The samples' accuracy is read against the same CLIP on real held-out scenes passed through the VAE, the
-    best the samples can reach once decoded by this VAE.
+    The samples' accuracy is read against the same CLIP on real held-out scenes passed through the VAE, since
+    the samples are decoded by it too.
     """
     size, scaling_factor = config.unet_resolution, vae.config.scaling_factor
     heldout_latents, _ = encode_latents(vae, heldout, size)

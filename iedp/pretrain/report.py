@@ -108,8 +108,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## (c) UNet: text-to-image diffusion",
         "",
-        "Held-out noise-prediction MSE on the same noise and timesteps, by context (lower is better; a UNet "
-        "that uses the text ranks them caption < scene only < empty < wrong scene):",
+        "Held-out noise-prediction MSE on the same noise and timesteps, by context (lower is better). The "
+        "differences are small, as most of the noise is read from the noisy latent itself; a UNet that uses the "
+        "text does worst with the caption of another scene type.",
         "",
         "| own caption | scene only | empty caption | caption of another scene type |",
         "|---|---|---|---|",
@@ -121,8 +122,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"The pre-trained CLIP classifies {unet['sample_zero_shot_accuracy']:.3f} of them as the prompted scene "
         f"type (chance {1 / clip['num_scene_types']:.3f}; real held-out scenes: "
         f"{clip['trained']['zero_shot_accuracy']:.3f} as rendered, "
-        f"{unet['reconstruction_zero_shot_accuracy']:.3f} through the VAE, the samples' ceiling). Grid: "
-        "`samples.png`, one real held-out scene first in each row.",
+        f"{unet['reconstruction_zero_shot_accuracy']:.3f} once encoded and decoded by the VAE, as the samples "
+        "are). Grid: `samples.png`, one real held-out scene first in each row.",
         "",
         "## Settings",
         "",

@@ -145,7 +145,7 @@ def denoising_losses(
 
     ``caption``: the scene's own canonical caption (and class tokens); ``scene_only``: "a photo of a {scene}";
     ``empty``: ""; ``wrong_scene``: the caption of the next held-out scene of another type. A UNet that uses
-    the text has caption < scene_only < empty < wrong_scene.
+    the text does worst with ``wrong_scene``.
     """
     scheduler = noise_scheduler()
     generator = torch.Generator().manual_seed(seed)
