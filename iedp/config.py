@@ -27,7 +27,7 @@ DATASETS = ("synthetic", "ade20k", "nyu")
 class ModelConfig:
     task: str = "seg"  # seg | depth
     method: str = "iedp"  # vpd | implicit | explicit | iedp (DESIGN §1 table)
-    weights: str = "tiny"  # folder with SD v1.5 (unet/, vae/) and clip/, or "tiny" for the tiny preset
+    weights: str = "tiny"  # folder with SD v1.5 (unet/, vae/) and clip/; or "tiny" / "tiny-pretrained" (tiny presets)
     sd: str | None = None  # overrides the SD part: diffusers folder, .safetensors/.ckpt file or hub id
     clip: str | None = None  # overrides the CLIP part: transformers folder or hub id
     classes: str = "ade20k"  # class (seg) or scene (depth) names: ade20k | nyu_scenes | synthetic | synthetic_scenes | a .txt path
