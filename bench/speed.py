@@ -29,7 +29,10 @@ reported, with ``torch.cuda.synchronize`` around each call on GPU. Peak memory i
 in a fresh process, above the level right after set-up: the first variant of a timing worker, and a separate
 one-call worker for the baseline, so that one variant's peak cannot mask the other's. On CPU it is the process's
 resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``), on GPU
-``torch.cuda.max_memory_allocated`` after a reset. The 1-minute load average is recorded with each timing.
+``torch.cuda.max_memory_allocated`` after a reset. Each call's process CPU time and the 1-minute load average
+are recorded too: on a shared CPU, ``--threads 1`` makes CPU time a measure that other processes hardly move
+(with several threads, OpenMP barriers stall whenever one thread is descheduled), and the CPU goals are then
+judged on it.
 ``bf16`` follows the training recipe: frozen parts cast to bf16, everything under ``torch.autocast``.
 The parent writes JSON (``--json``) and appends one dated row per configuration to ``BENCHMARKS.md``.
 """
