@@ -28,7 +28,7 @@ METHODS = ("vpd", "implicit", "explicit", "iedp")
 KEYS = {"seg": ("mIoU", "aAcc"), "depth": ("rmse", "d1")}
 
 
-def run(task: str, method: str, weights: str, seed: int, steps: int, out: Path) -> dict:
+def run(task: str, method: str, weights: str, seed: int, steps: int, out: Path, extra: list[str]) -> dict:
     config = load_config(
         f"demo_{task}",
         [
@@ -40,6 +40,7 @@ def run(task: str, method: str, weights: str, seed: int, steps: int, out: Path) 
             f"train.eval_every={steps}",
             "train.checkpoints_total_limit=1",
             f"train.out={out / f'{weights}_{task}_{method}_{seed}'}",
+            *extra,
         ],
     )
     tic = time.perf_counter()
@@ -88,7 +89,8 @@ def table(summary: dict, args: argparse.Namespace) -> str:
     return (
         f"\n### Method ablation, {time.strftime('%Y-%m-%d')} ({machine})\n\n"
         f"`python bench/ablation.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} "
-        f"--weights {' '.join(args.weights)}`: demo recipe (synthetic 128×128, batch 8), {args.steps} steps per run, "
+        f"--weights {' '.join(args.weights)} --tasks {' '.join(args.tasks)}"
+        f"{''.join(f' --set {s}' for s in args.set)}`: demo recipe (synthetic 128×128, batch 8), {args.steps} steps per run, "
         f"mean ± std over {len(args.seeds)} seeds; mIoU/aAcc in percent, RMSE in metres. `explicit` is an oracle "
         "(it reads the labels at test time).\n\n" + "\n".join(lines) + "\n"
     )
@@ -101,6 +103,9 @@ def main() -> None:
     parser.add_argument("--weights", nargs="+", default=["tiny-pretrained", "tiny"])
     parser.add_argument("--tasks", nargs="+", default=["seg", "depth"], choices=["seg", "depth"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides"
+    )
     parser.add_argument("--json", default="bench/out/ablation.json")
     parser.add_argument("--no-append", action="store_true", help="do not append the table to BENCHMARKS.md")
     args = parser.parse_args()
@@ -111,7 +116,7 @@ def main() -> None:
             for task in args.tasks:
                 for method in args.methods:
                     for seed in args.seeds:
-                        runs.append(run(task, method, weights, seed, args.steps, Path(tmp)))
+                        runs.append(run(task, method, weights, seed, args.steps, Path(tmp), args.set))
                         print(json.dumps(runs[-1]), flush=True)
     summary = summarize(runs)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
