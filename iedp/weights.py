@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import TypeVar
@@ -275,32 +276,37 @@ def resolve_weights(weights: str, sd: str | None = None, clip: str | None = None
     return (sd if sd is not None else str(base)), (clip if clip is not None else str(base / "clip"))
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where built weights and class-token banks are cached: ``$IEDP_CACHE`` or ``~/.cache/iedp``."""
     return Path(os.environ.get("IEDP_CACHE") or "~/.cache/iedp").expanduser()
 
 
-def tiny_weights_dir() -> Path:
-    """The tiny preset's folder (``$IEDP_CACHE`` or ``~/.cache/iedp``)/``tiny-<TINY_VERSION>``, built on first use.
+def build_cached(target: Path, build: Callable[[Path], object], what: str) -> Path:
+    """``target``, built by ``build(folder)`` on first use.
 
     The build goes to a temporary folder beside the target and is renamed into place, so a crash never leaves
-    a half-written preset and concurrent builders (e.g. one per training process) all end with the same folder.
+    a half-built folder and concurrent builders (e.g. one per training process) all end with one complete folder.
     """
-    target = _cache_root() / f"tiny-{TINY_VERSION}"
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        logger.info("building the tiny preset into %s", target)
-        make_tiny(staging)
+        logger.info("building %s into %s (cached for later runs)", what, target)
+        build(staging)
         os.replace(staging, target)
     except OSError:
-        # Another process renamed its build into place first; theirs is identical, so keep it.
+        # Another process renamed its build into place first; keep theirs.
         if not target.is_dir():
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def tiny_weights_dir() -> Path:
+    """The tiny preset's folder, ``cache_root()/tiny-<TINY_VERSION>``, built on first use."""
+    return build_cached(cache_root() / f"tiny-{TINY_VERSION}", make_tiny, "the tiny preset")
 
 
 def make_tiny(out_dir: str | Path, seed: int = 0, layers_per_block: int = 1) -> Path:

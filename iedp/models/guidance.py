@@ -18,6 +18,8 @@ from torch import nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from iedp.weights import cache_root
+
 logger = logging.getLogger(__name__)
 
 
@@ -109,7 +111,7 @@ def class_token_bank(
     ):
         fingerprint.update(tensor.detach().float().cpu().numpy().tobytes())
     key = fingerprint.hexdigest()[:24]
-    root = Path(cache_dir or os.environ.get("IEDP_CACHE") or Path.home() / ".cache" / "iedp") / "class_tokens"
+    root = (Path(cache_dir) if cache_dir else cache_root()) / "class_tokens"
     path = root / f"{key}.safetensors"
     if path.is_file():
         return load_file(path)["class_tokens"]

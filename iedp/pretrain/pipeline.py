@@ -35,7 +35,7 @@ from iedp.pretrain.data import SceneSet, render_scenes
 from iedp.pretrain.report import sample_grid, to_uint8, write_report
 from iedp.pretrain.text_to_image import Conditioner, denoising_losses, generate, noise_scheduler, train_unet
 from iedp.pretrain.vae import encode_latents, evaluate_vae, latent_scaling_factor, train_vae
-from iedp.weights import TINY_VERSION, _cache_root, load_clip, load_stable_diffusion, make_tiny
+from iedp.weights import TINY_VERSION, build_cached, cache_root, load_clip, load_stable_diffusion, make_tiny
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +63,11 @@ def cache_key(config: PretrainConfig) -> str:
 
 
 def pretrained_tiny_dir(config: PretrainConfig | None = None) -> Path:
-    """The pre-trained tiny weights (``$IEDP_CACHE`` or ``~/.cache/iedp``)/``tiny-pretrained-<key>``.
-
-    Built by :func:`pretrain_tiny` on first use (``config`` defaults to :data:`DEFAULT_CONFIG`), in a temporary
-    folder beside the target that is renamed into place, so a crash never leaves a half-trained folder and
-    concurrent builders all end with one complete folder.
-    """
+    """The pre-trained tiny weights, ``cache_root()/tiny-pretrained-<key>``, built by :func:`pretrain_tiny` on
+    first use (``config`` defaults to :data:`DEFAULT_CONFIG`)."""
     config = config or DEFAULT_CONFIG
-    target = _cache_root() / f"tiny-pretrained-{cache_key(config)}"
-    if target.is_dir():
-        return target
+    target = cache_root() / f"tiny-pretrained-{cache_key(config)}"
+    return build_cached(target, lambda folder: pretrain_tiny(folder, config), "the pre-trained tiny weights")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
