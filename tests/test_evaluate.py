@@ -127,3 +127,18 @@ def test_evaluate_nyu_layout_odd_sizes_and_cli(checkpoints, tmp_path):
     # a model key cannot change on a checkpoint; a bad override is one line and exit status 2
     assert main(["evaluate", str(checkpoints / "depth"), "--set", "model.max_depth=3"]) == 2
     assert main(["evaluate", str(tmp_path / "missing")]) == 2
+
+
+def test_explicit_oracle_is_evaluated_with_the_sample_prompt():
+    from iedp.engine.evaluate import model_predictor
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(task="seg", method="explicit", classes="synthetic", neck_channels=16, head_channels=16)
+    model = build_model(cfg).eval()
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        wall = model_predictor(model, {"prompt": "a photo of a wall"}, torch.device("cpu"))(image)
+        bed = model_predictor(model, {"prompt": "a photo of a bed and lamp"}, torch.device("cpu"))(image)
+    assert not torch.equal(wall, bed)
+    with pytest.raises(ValueError, match="label prompts"):
+        model_predictor(model, {}, torch.device("cpu"))(image)

@@ -26,13 +26,16 @@ logger = logging.getLogger(__name__)
 
 
 def model_predictor(model: IEDPModel, sample: dict, device: torch.device):
-    """A ``predict`` callable for the inference protocols, carrying the sample's scene (VPD depth) along."""
-    extras = {k: sample[k] for k in ("scene_id",) if k in sample}
+    """A ``predict`` callable for the inference protocols, carrying along what the method reads besides the image:
+    the scene (VPD depth) and the label prompt (the ``explicit`` oracle)."""
 
     def predict(images: torch.Tensor) -> torch.Tensor:
+        B = images.shape[0]
         batch = {"image": images.to(device)}
-        if "scene_id" in extras:
-            batch["scene_id"] = torch.full((images.shape[0],), int(extras["scene_id"]), dtype=torch.long)
+        if "scene_id" in sample:
+            batch["scene_id"] = torch.full((B,), int(sample["scene_id"]), dtype=torch.long)
+        if "prompt" in sample:
+            batch["prompt"] = [sample["prompt"]] * B
         return model(batch, mode="predict").float()
 
     return predict
