@@ -14,9 +14,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -68,19 +65,6 @@ def pretrained_tiny_dir(config: PretrainConfig | None = None) -> Path:
     config = config or DEFAULT_CONFIG
     target = cache_root() / f"tiny-pretrained-{cache_key(config)}"
     return build_cached(target, lambda folder: pretrain_tiny(folder, config), "the pre-trained tiny weights")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        logger.info("pre-training the tiny weights into %s (cached for later runs)", target)
-        pretrain_tiny(staging, config)
-        os.replace(staging, target)
-    except OSError:
-        # Another process renamed its build into place first; keep theirs.
-        if not target.is_dir():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def pretrain_tiny(out_dir: str | Path, config: PretrainConfig | None = None) -> Path:
