@@ -1,7 +1,8 @@
 """The diffusion backbone: frozen SD VAE encoder + trainable UNet, run once at t=1, read out as a feature pyramid.
 
-Features come from forward hooks on the UNet's up blocks (the input of each upsampler, the output of the last
-block), keyed by their stride in the image; class cross-attention maps come from
+Features come from forward hooks where VPD reads the decoder (after ldm ``output_blocks`` 1, 4, 7 and at the
+final output): the second layer of each up block (its attention where the block has one, else its resnet) and the
+output of the last up block, keyed by their stride in the image; class cross-attention maps come from
 :class:`~iedp.models.attention.ClassAttentionProcessor` installed on the chosen layers by name.
 """
 
@@ -96,18 +97,26 @@ class DiffusionBackbone(nn.Module):
         for hook in self._hooks:
             hook.remove()
 
+    @staticmethod
+    def tap_module(block: nn.Module, is_last: bool) -> nn.Module:
+        """The module whose output is a level's feature: the last up block itself; otherwise the block's second
+        layer (VPD's ldm ``output_blocks`` 1, 4, 7: resnet then attention, so the attention where the block has
+        one), or its last layer when it has fewer (``layers_per_block=1``)."""
+        if is_last:
+            return block
+        layers = block.attentions if getattr(block, "attentions", None) else block.resnets
+        return layers[min(1, len(layers) - 1)]
+
     def _hook_up_block(self, index: int, block: nn.Module) -> torch.utils.hooks.RemovableHandle:
         stride = self.feature_strides[index]
 
-        def keep_input(_module, args):
-            self._features[stride] = args[0]
-
         def keep_output(_module, _args, output):
-            self._features[stride] = output
+            if isinstance(output, tuple):  # Transformer2DModel called with return_dict=False
+                output = output[0]
+            self._features[stride] = getattr(output, "sample", output)
 
-        if getattr(block, "upsamplers", None):
-            return block.upsamplers[0].register_forward_pre_hook(keep_input)
-        return block.register_forward_hook(keep_output)
+        module = self.tap_module(block, is_last=index == len(self.unet.up_blocks) - 1)
+        return module.register_forward_hook(keep_output)
 
     def train(self, mode: bool = True) -> DiffusionBackbone:
         super().train(mode)
