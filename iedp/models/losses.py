@@ -39,20 +39,25 @@ def silog_loss(
     return torch.sqrt((d.square().mean() - variance_focus * d.mean().square()).clamp(min=eps))
 
 
-def segmentation_loss(logits: Tensor, label: Tensor, ignore_index: int = 255) -> Tensor:
-    """Pixel-wise cross-entropy, averaged over the labelled pixels (those not equal to ``ignore_index``).
+def segmentation_loss(
+    logits: Tensor, label: Tensor, ignore_index: int = 255, avg_non_ignore: bool = False
+) -> Tensor:
+    """Pixel-wise cross-entropy as mmseg's ``CrossEntropyLoss`` (VPD's loss): summed over the labelled pixels
+    (those not equal to ``ignore_index``) and divided by *all* pixels of the batch, ignored ones included.
 
     Args:
         logits: B x C x h x w; resized bilinearly (align_corners=False) to the label size when it differs.
         label: B x H x W integer class ids in [0, C), or ``ignore_index``.
         ignore_index: label value that contributes nothing.
+        avg_non_ignore: divide by the labelled pixels instead (mmseg's option of the same name; PyTorch's mean).
 
     Returns:
-        A scalar; 0 (still attached to ``logits``' graph) when every pixel is ignored, where PyTorch's mean
-        would be 0/0.
+        A scalar; 0 (still attached to ``logits``' graph) when every pixel is ignored.
     """
     if logits.shape[-2:] != label.shape[-2:]:
         logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
-    if not (label != ignore_index).any():
+    labelled = label != ignore_index
+    if not labelled.any():
         return logits.sum() * 0
-    return F.cross_entropy(logits, label.long(), ignore_index=ignore_index)
+    pixel_losses = F.cross_entropy(logits, label.long(), ignore_index=ignore_index, reduction="none")
+    return pixel_losses.sum() / (labelled.sum() if avg_non_ignore else label.numel())
