@@ -90,11 +90,22 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     return meta
 
 
+def upgrade_config(tree: dict) -> dict:
+    """A checkpoint config written before the learnable-query implicit branch, in today's keys: its
+    ``implicit_tokens`` (one frozen image token) becomes ``implicit``, and its explicit branch was one projected
+    text token."""
+    model = tree.get("model")
+    if isinstance(model, dict) and "implicit_tokens" in model:
+        model = {k: v for k, v in model.items() if k != "implicit_tokens"} | {"implicit": model["implicit_tokens"]}
+        tree = tree | {"model": {"explicit_tokens": "projected"} | model}
+    return tree
+
+
 def load_model(path: str | Path, with_text: bool = False) -> tuple[IEDPModel, Config]:
     """Rebuild the model from the checkpoint alone (the text tower from the config's weights if ``with_text``)."""
     path = Path(path)
     meta = read_checkpoint_meta(path)
-    config = config_from_dict(meta["config"])
+    config = config_from_dict(upgrade_config(meta["config"]))
     parts = meta["components"]
     try:
         state = load_file(path / WEIGHTS_NAME)

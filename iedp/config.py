@@ -31,11 +31,14 @@ class ModelConfig:
     sd: str | None = None  # overrides the SD part: diffusers folder, .safetensors/.ckpt file or hub id
     clip: str | None = None  # overrides the CLIP part: transformers folder or hub id
     classes: str = "ade20k"  # class (seg) or scene (depth) names: ade20k | nyu_scenes | synthetic | synthetic_scenes | a .txt path
-    class_template: str = "a photo of a {}."  # prompt of one class token
-    class_embedding: str = (
-        "projected"  # projected (text_embeds, same space as guidance) | pooled (VPD's un-projected output)
-    )
-    implicit_tokens: str = "pooled"  # pooled: 1 projected image token | patches: all projected patch tokens
+    class_template: str = "a photo of a {}."  # prompt of one class token; clip80: VPD's 80 templates averaged (NYUv2 scenes)
+    class_max_length: int | None = None  # tokens per class prompt (VPD's scene tokens: 20); None: the tokenizer's 77
+    class_embedding: str = "pooled"  # pooled (VPD: CLIP's un-projected pooled text output) | projected (text_embeds)
+    implicit: str = "queries"  # queries (the paper: learnable queries over CLIP image tokens) | pooled (1 frozen image_embeds token) | patches (all projected image tokens, frozen)
+    implicit_queries: int = 77  # N implicit tokens; 77 = the explicit sequence's length, so both branches share one 2B UNet call
+    implicit_layers: int = 1  # query-decoder layers (the paper describes one)
+    implicit_heads: int = 8  # attention heads of the query decoder
+    explicit_tokens: str = "sequence"  # sequence (CLIP text last hidden states, 77 tokens, SD's conditioning) | projected (1 text_embeds token)
     latent_scale: float = 1.0  # VPD feeds unscaled VAE latents; SD's own factor is 0.18215
     explicit_weight: float = 1.0  # λ in L = L(implicit) + λ·L(explicit)
     adapter_gamma_init: float = 1e-4
@@ -87,10 +90,11 @@ class TrainConfig:
     min_lr: float = 0.0  # poly: final lr; rise_fall: the lr it falls to
     weight_decay: float = 1e-3
     unet_lr_mult: float = 0.1  # 0.1 segmentation, 0.01 depth
-    schedule: str = "poly"  # poly: linear warm-up then polynomial decay | rise_fall: linear rise to lr, linear fall to min_lr
-    warmup_steps: int = 1500  # poly: warm-up length; rise_fall: steps of the rise
+    schedule: str = "poly"  # poly: linear warm-up then polynomial decay | rise_fall: VPD depth's rise from min_lr to lr and fall back, power rise_fall_power
+    warmup_steps: int = 1500  # poly: warm-up length; rise_fall: steps of the rise, and of the fall (VPD: epochs // 2 epochs)
     warmup_ratio: float = 1e-6  # poly: lr at step 0 is lr × warmup_ratio
     poly_power: float = 1.0
+    rise_fall_power: float = 0.9  # rise_fall: exponent of both halves (VPD 0.9; 1 is linear)
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_clip: float | None = None
     checkpoint_every: int = 2000
@@ -127,11 +131,15 @@ class Config:
         _check_choice("model.method", self.model.method, METHODS)
         _check_choice("data.dataset", self.data.dataset, DATASETS)
         _check_choice("model.class_embedding", self.model.class_embedding, ("projected", "pooled"))
-        _check_choice("model.implicit_tokens", self.model.implicit_tokens, ("pooled", "patches"))
+        _check_choice("model.implicit", self.model.implicit, ("queries", "pooled", "patches"))
+        _check_choice("model.explicit_tokens", self.model.explicit_tokens, ("sequence", "projected"))
         _check_choice("model.head_norm", self.model.head_norm, ("bn", "gn"))
         _check_choice("train.schedule", self.train.schedule, ("poly", "rise_fall"))
         _check_choice("train.mixed_precision", self.train.mixed_precision, ("no", "bf16", "fp16"))
         _check_choice("eval.depth_crop", self.eval.depth_crop, ("eigen", "none"))
+        for key in ("implicit_queries", "implicit_layers", "implicit_heads"):
+            if getattr(self.model, key) < 1:
+                raise InputError(f"model.{key}: {getattr(self.model, key)} must be at least 1")
         if self.data.pad_multiple % 64:
             raise InputError(
                 f"data.pad_multiple: {self.data.pad_multiple} is not a multiple of 64 (the UNet needs 1/64 maps)"

@@ -98,7 +98,8 @@ def test_capture_processor_matches_stock_and_naive_reference(seg_model):
     C = seg_model.num_classes
     torch.manual_seed(1)
     latents = torch.randn(2, 4, 16, 16)
-    context = seg_model.context(seg_model.implicit(torch.rand(2, 3, 128, 128) * 2 - 1), 2)
+    images = torch.rand(2, 3, 128, 128) * 2 - 1
+    context = seg_model.context(seg_model.guidance_tokens("implicit", images, {}), 2)
     t = torch.ones(2, dtype=torch.long)
 
     # Naive reference: softmax(QK^T / sqrt(d)) of every captured layer, from the layer's own inputs.
@@ -229,8 +230,8 @@ def test_lr_schedules():
     assert lr_factor(5, poly) == pytest.approx(0.5 * 0.95)
     assert lr_factor(10, poly) == pytest.approx(0.9)
     assert lr_factor(100, poly) == 0.0
-    rise = TrainConfig(schedule="rise_fall", lr=5e-4, min_lr=3e-5, max_steps=110, warmup_steps=10)
-    assert lr_factor(0, rise) * 5e-4 == pytest.approx(3e-5)
-    assert lr_factor(10, rise) == pytest.approx(1.0)
-    assert lr_factor(60, rise) * 5e-4 == pytest.approx((5e-4 + 3e-5) / 2)
-    assert lr_factor(110, rise) * 5e-4 == pytest.approx(3e-5)
+    # rise_fall (VPD's depth schedule): tests/test_vpd_exactness.py
+    linear = TrainConfig(schedule="rise_fall", lr=5e-4, min_lr=3e-5, max_steps=110, warmup_steps=10, rise_fall_power=1.0)
+    assert lr_factor(9, linear) == pytest.approx(1.0)
+    assert lr_factor(14, linear) * 5e-4 == pytest.approx((5e-4 + 3e-5) / 2)
+    assert lr_factor(109, linear) * 5e-4 == pytest.approx(3e-5)

@@ -32,7 +32,7 @@ def assemble_model(
         unet.enable_gradient_checkpointing()
     if config.compile_vae:
         backbone.compile_encoder()
-    implicit = ImplicitGuidance(image_encoder, config.implicit_tokens)
+    implicit = ImplicitGuidance(image_encoder, "hidden" if config.implicit == "queries" else config.implicit)
     return IEDPModel(config, backbone, implicit, explicit, class_tokens, class_names)
 
 
@@ -40,7 +40,7 @@ def load_explicit(config: ModelConfig) -> ExplicitGuidance:
     """The frozen CLIP text branch, from the config's weights."""
     _, clip_path = resolve_weights(config.weights, config.sd, config.clip)
     _, text_encoder, tokenizer = load_clip(clip_path, text=True)
-    return ExplicitGuidance(text_encoder, tokenizer)
+    return ExplicitGuidance(text_encoder, tokenizer, config.explicit_tokens)
 
 
 def build_model(config: ModelConfig, with_text: bool = True) -> IEDPModel:
@@ -51,7 +51,14 @@ def build_model(config: ModelConfig, with_text: bool = True) -> IEDPModel:
     sd_path, clip_path = resolve_weights(config.weights, config.sd, config.clip)
     unet, vae = load_stable_diffusion(sd_path)
     image_encoder, text_encoder, tokenizer = load_clip(clip_path, text=True)
-    explicit = ExplicitGuidance(text_encoder, tokenizer)
+    explicit = ExplicitGuidance(text_encoder, tokenizer, config.explicit_tokens)
     names = load_class_names(config.classes)
-    bank = class_token_bank(explicit, names, config.class_template, config.class_embedding, config.cache_dir)
+    bank = class_token_bank(
+        explicit,
+        names,
+        config.class_template,
+        config.class_embedding,
+        config.cache_dir,
+        config.class_max_length,
+    )
     return assemble_model(config, unet, vae, image_encoder, explicit if with_text else None, bank, names)

@@ -3,11 +3,13 @@
 | method   | training context                     | inference context                |
 |----------|--------------------------------------|----------------------------------|
 | vpd      | class tokens (seg) / GT scene token  | same                             |
-| implicit | class tokens + implicit token        | same                             |
-| explicit | class tokens + explicit token        | same (an oracle: needs labels)   |
+| implicit | class tokens + implicit tokens       | same                             |
+| explicit | class tokens + explicit tokens       | same (an oracle: needs labels)   |
 | iedp     | both branches, losses summed         | implicit only                    |
 
-For depth there are no class-map tokens: the context is the guidance token alone (for ``vpd`` the token of the
+Implicit tokens: learnable queries reading the frozen CLIP image tokens (``model.implicit=queries``, the paper) or
+CLIP's frozen image embedding (``pooled``). Explicit tokens: the label prompt's CLIP text token sequence.
+For depth there are no class-map tokens: the context is the guidance tokens alone (for ``vpd`` the token of the
 ground-truth scene, or the mean scene token when the scene is unknown).
 """
 
@@ -26,6 +28,7 @@ from iedp.models.guidance import ExplicitGuidance, ImplicitGuidance
 from iedp.models.heads.depth_head import DepthHead
 from iedp.models.heads.fpn import FPN
 from iedp.models.heads.fpn_head import FPNHead
+from iedp.models.implicit_queries import ImplicitQueries
 from iedp.models.losses import segmentation_loss, silog_loss
 
 logger = logging.getLogger(__name__)
@@ -45,7 +48,8 @@ class IEDPModel(nn.Module):
     Args:
         config: the model section of the run config (task, method, head sizes...).
         backbone: the diffusion backbone (VAE + UNet), built with ``num_class_tokens`` = C for segmentation.
-        implicit: the frozen CLIP vision branch.
+        implicit: the frozen CLIP vision tower of the implicit branch; with ``config.implicit == "queries"`` its
+            tokens feed a trainable :class:`ImplicitQueries` built here (for the methods that use the branch).
         explicit: the frozen CLIP text branch, or None where no step needs it (inference of vpd/implicit/iedp).
         class_tokens: (C, D) class tokens (seg) or scene tokens (depth), in the UNet's context width D.
         class_names: the C names, in order.
@@ -75,6 +79,18 @@ class IEDPModel(nn.Module):
         self.implicit = implicit
         self.explicit = explicit
         self.adapter = TextAdapter(width, config.adapter_gamma_init)
+        uses_implicit = "implicit" in TRAIN_BRANCHES[self.method]
+        self.implicit_queries = (
+            ImplicitQueries(
+                implicit.out_dim,
+                width,
+                config.implicit_queries,
+                config.implicit_layers,
+                config.implicit_heads,
+            )
+            if uses_implicit and config.implicit == "queries"
+            else None
+        )
         self.register_buffer("class_tokens", class_tokens.float().clone())
         self.strides = sorted(backbone.out_channels)
         in_channels = [backbone.out_channels[s] for s in self.strides]
@@ -114,7 +130,8 @@ class IEDPModel(nn.Module):
     def guidance_tokens(self, branch: str, images: torch.Tensor, batch: dict) -> torch.Tensor | None:
         """(B, T, D) guidance tokens of one branch, or None (VPD segmentation: class tokens only)."""
         if branch == "implicit":
-            return self.implicit(images)
+            visual = self.implicit(images)  # frozen CLIP: (B, T, D_vis) tokens, or (B, 1, D) image_embeds
+            return visual if self.implicit_queries is None else self.implicit_queries(visual)
         if branch == "explicit":
             if self.explicit is None:
                 raise RuntimeError(
