@@ -1,10 +1,17 @@
 """Where ``model.method=vpd`` must behave as VPD's code (wl-zhao/VPD) does, down to its quirks (issue 11)."""
 
+import logging
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from torch import nn
 
+from iedp.config import ModelConfig, TrainConfig
+from iedp.engine.optim import build_optimizer, lr_factor
+from iedp.engine.train import sync_batchnorm
 from iedp.models.backbone import DiffusionBackbone
+from iedp.models.build import build_model
 from iedp.weights import load_stable_diffusion, tiny_weights_dir
 
 
@@ -43,3 +50,114 @@ def test_unet_features_are_read_where_vpd_reads_them(tiny_sd, layers_per_block):
     for stride, reference in zip([64, 32, 16, 8], taken, strict=True):
         torch.testing.assert_close(features[stride], reference, rtol=0, atol=0)
         assert features[stride].shape[1] == backbone.out_channels[stride]
+
+
+def _seg_model():
+    torch.manual_seed(0)
+    config = ModelConfig(task="seg", method="vpd", classes="synthetic", neck_channels=16, head_channels=16)
+    return build_model(config, with_text=False)
+
+
+def _depth_model():
+    torch.manual_seed(0)
+    config = ModelConfig(
+        task="depth",
+        method="vpd",
+        classes="synthetic_scenes",
+        depth_fuse_channels=32,
+        depth_head_channels=16,
+    )
+    return build_model(config, with_text=False)
+
+
+@pytest.fixture(scope="module")
+def seg_model():
+    model = _seg_model()
+    # a new trainable non-UNet module (as the implicit query module): head lr, the task's usual decay rules
+    model.extra_module = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    return model
+
+
+@pytest.fixture(scope="module")
+def depth_model():
+    model = _depth_model()
+    model.extra_module = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    return model
+
+
+def _lr_and_decay(model, task):
+    optimizer, _ = build_optimizer(model, model.unet, TrainConfig(lr=1.0, weight_decay=0.5, unet_lr_mult=0.1), task)
+    settings = {id(p): (g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(settings) == len(trainable) == sum(len(g["params"]) for g in optimizer.param_groups)
+    return settings
+
+
+def test_segmentation_groups_are_mmcv_custom_keys(seg_model):
+    """VPD: custom_keys {unet: lr×0.1, norm: decay×0}, longest key first, ties alphabetical ("norm" < "unet"),
+    matched against ldm names, where only the transformer blocks' norms are called norm."""
+    model = seg_model
+    got = _lr_and_decay(model, "seg")
+    unet = model.unet
+    transformer = unet.up_blocks[1].attentions[0]
+    resnet = unet.up_blocks[1].resnets[0]
+    batchnorm = next(m for m in model.head.modules() if isinstance(m, nn.BatchNorm2d))
+    # UNet transformer norms (ldm ...transformer_blocks.0.norm1, SpatialTransformer.norm): "norm" wins
+    for p in (transformer.norm.weight, transformer.transformer_blocks[0].norm1.bias):
+        assert got[id(p)] == (1.0, 0.0)
+    # the rest of the UNet, ResNet GroupNorms (ldm in_layers.0) and biases included: "unet"
+    for p in (resnet.norm1.weight, resnet.conv1.bias, resnet.conv1.weight, transformer.proj_in.weight):
+        assert got[id(p)] == (pytest.approx(0.1), 0.5)
+    # heads: no key (mmcv's ConvModule names its BatchNorm "bn"), so full lr and decay on everything
+    for p in (batchnorm.weight, batchnorm.bias, model.adapter.gamma, model.neck.parameters().__next__()):
+        assert got[id(p)] == (1.0, 0.5)
+    # a new module: head lr; its norm layers get no decay ("norm"), its linear layers do
+    linear, norm = model.extra_module
+    assert got[id(linear.weight)] == got[id(linear.bias)] == (1.0, 0.5)
+    assert got[id(norm.weight)] == got[id(norm.bias)] == (1.0, 0.0)
+
+
+def test_depth_groups_are_ldm_optimizer_constructor(depth_model):
+    """VPD depth: UNet lr×0.01 (here unet_lr_mult), no decay on 1-D tensors and biases, anywhere."""
+    model = depth_model
+    got = _lr_and_decay(model, "depth")
+    unet = model.unet
+    transformer = unet.up_blocks[1].attentions[0]
+    assert got[id(transformer.norm.weight)] == got[id(unet.conv_in.bias)] == (pytest.approx(0.1), 0.0)
+    assert got[id(unet.conv_in.weight)] == got[id(transformer.proj_in.weight)] == (pytest.approx(0.1), 0.5)
+    linear, norm = model.extra_module
+    assert got[id(linear.weight)] == (1.0, 0.5)
+    assert got[id(linear.bias)] == got[id(norm.weight)] == got[id(model.adapter.gamma)] == (1.0, 0.0)
+    conv = next(m for m in model.head.modules() if isinstance(m, nn.Conv2d))
+    assert got[id(conv.weight)] == (1.0, 0.5) and got[id(conv.bias)] == (1.0, 0.0)
+
+
+def test_groups_are_logged(seg_model, caplog):
+    with caplog.at_level(logging.INFO, logger="iedp.engine.optim"):
+        build_optimizer(seg_model, seg_model.unet, TrainConfig(lr=1.0, weight_decay=0.5), "seg")
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("unet_attention_norm" in line and "lr 1" in line and "weight decay 0" in line for line in lines)
+
+
+def test_syncbn_only_for_segmentation():
+    seg, depth = _seg_model(), _depth_model()
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in sync_batchnorm(seg, "seg", 2, "cuda").modules())
+    depth = sync_batchnorm(depth, "depth", 2, "cuda")
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in depth.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in depth.head.modules())
+
+
+def test_depth_schedule_is_vpds_power_rise_and_fall():
+    """VPD depth/train.py with max_lr 5e-4, min_lr 3e-5 and a 10-step half: the s-th batch (from 1) gets
+    min + (max - min)·(s/10)^0.9 while s < 10, then max(min, max - (max - min)·(s/10 - 1)^0.9)."""
+    config = TrainConfig(schedule="rise_fall", lr=5e-4, min_lr=3e-5, warmup_steps=10, max_steps=25)
+    expected = {  # step (0-based) -> lr, by hand: 0.1^0.9 = 0.125892541, 0.5^0.9 = 0.535886731
+        0: 3e-5 + 4.7e-4 * 0.125892541,
+        4: 3e-5 + 4.7e-4 * 0.535886731,
+        9: 5e-4,
+        14: 5e-4 - 4.7e-4 * 0.535886731,
+        19: 3e-5,
+        24: 3e-5,  # held at min_lr after two halves
+    }
+    for step, lr in expected.items():
+        assert lr_factor(step, config) * 5e-4 == pytest.approx(lr, rel=1e-7), step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -12,36 +13,92 @@ from iedp.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
-def parameter_groups(
-    model: nn.Module, unet: nn.Module, lr: float, weight_decay: float, unet_lr_mult: float
-) -> list[dict]:
-    """AdamW groups: the UNet at ``lr × unet_lr_mult``, everything else trainable at ``lr``; no weight decay on
-    biases and norm weights (tensors with fewer than 2 dimensions). Frozen parameters are left out.
+# Norm layers by type (BatchNorm and SyncBatchNorm derive from _NormBase).
+NORM_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
+GROUP_RULES = ("mmseg", "ldm")
 
-    The UNet group is chosen by membership (``unet.parameters()``), not by parameter names.
+
+def _norm_params(modules: Iterable[nn.Module]) -> set[int]:
+    return {id(p) for m in modules for sub in m.modules() if isinstance(sub, NORM_LAYERS) for p in sub.parameters()}
+
+
+def _attention_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's transformer blocks (``attentions`` of its down, mid and up blocks): ldm's SpatialTransformers."""
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    return [attn for block in blocks if block is not None for attn in (getattr(block, "attentions", None) or [])]
+
+
+def parameter_groups(
+    model: nn.Module,
+    unet: nn.Module,
+    lr: float,
+    weight_decay: float,
+    unet_lr_mult: float,
+    rule: str = "ldm",
+    heads: Sequence[nn.Module] = (),
+) -> list[dict]:
+    """AdamW groups as VPD's optimizer constructors make them; frozen parameters are left out.
+
+    ``rule="ldm"`` (VPD depth, ``LDMOptimizerConstructor``): the UNet at ``lr × unet_lr_mult``, everything else at
+    ``lr``; no weight decay on 1-D tensors and on tensors named ``*.bias``.
+
+    ``rule="mmseg"`` (VPD segmentation, mmcv ``custom_keys={"unet": lr_mult 0.1, "norm": decay_mult 0}``): mmcv
+    gives each parameter the longest key found in its name, ties going alphabetically, so "norm" beats "unet".
+    In VPD's (ldm) names "norm" is found only in the UNet's transformer blocks (SpatialTransformer.norm,
+    BasicTransformerBlock.norm1-3); its ResNet blocks call their GroupNorms ``in_layers.0``/``out_layers.0``
+    and mmcv's ConvModule calls the heads' BatchNorms ``bn``. Hence: the UNet's transformer norm layers get the
+    full lr and no decay, the rest of the UNet ``lr × unet_lr_mult`` with decay (biases and ResNet norms
+    included), and the task ``heads`` full lr with decay (their norms included). Norm layers of any other
+    trainable module (the adapter, the implicit query module) get no decay, as VPD's "norm" key would give them.
+
+    Groups are found by membership (``unet.parameters()``, the UNet's ``attentions`` blocks, ``heads``) and layer
+    type, not by parameter names, except the ``*.bias`` test of the ldm rule, which is VPD's own.
     """
+    if rule not in GROUP_RULES:
+        raise ValueError(f"parameter group rule {rule!r} is not one of {', '.join(GROUP_RULES)}")
     unet_ids = {id(p) for p in unet.parameters()}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for p in model.parameters():
-        if p.requires_grad:
-            groups.setdefault((id(p) in unet_ids, p.ndim >= 2), []).append(p)
-    result = []
-    for (in_unet, decay), params in sorted(groups.items()):
-        group_lr = lr * (unet_lr_mult if in_unet else 1.0)
-        result.append(
+    attention_norms = _norm_params(_attention_blocks(unet))
+    head_ids = {id(p) for head in heads for p in head.parameters()}
+    other_norms = _norm_params([model]) - unet_ids - head_ids
+
+    def group_of(name: str, p: nn.Parameter) -> tuple[str, float, float]:
+        """(group name, lr multiplier, weight-decay multiplier) of one parameter."""
+        in_unet = id(p) in unet_ids
+        part, lr_mult = ("unet", unet_lr_mult) if in_unet else ("head", 1.0)
+        if rule == "ldm":
+            decay = not (p.ndim == 1 or name.endswith(".bias"))
+        elif in_unet and id(p) in attention_norms:
+            return "unet_attention_norm", 1.0, 0.0
+        else:
+            decay = id(p) not in other_norms
+        return (part if decay else f"{part}_no_decay"), lr_mult, 1.0 if decay else 0.0
+
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        group_name, lr_mult, decay_mult = group_of(name, p)
+        group = groups.setdefault(
+            group_name,
             {
-                "params": params,
-                "lr": group_lr,
-                "initial_lr": group_lr,
-                "weight_decay": weight_decay if decay else 0.0,
-                "name": f"{'unet' if in_unet else 'head'}{'' if decay else '_no_decay'}",
-            }
+                "params": [],
+                "lr": lr * lr_mult,
+                "initial_lr": lr * lr_mult,
+                "weight_decay": weight_decay * decay_mult,
+                "name": group_name,
+            },
         )
+        group["params"].append(p)
+    result = [groups[name] for name in sorted(groups)]
+    for group in result:
         logger.info(
-            "group %s: %d tensors, %d parameters",
-            result[-1]["name"],
-            len(params),
-            sum(p.numel() for p in params),
+            "parameter group %s (%s rule): %d tensors, %d parameters, lr %.3g, weight decay %.3g",
+            group["name"],
+            rule,
+            len(group["params"]),
+            sum(p.numel() for p in group["params"]),
+            group["lr"],
+            group["weight_decay"],
         )
     return result
 
@@ -50,8 +107,12 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     """Multiplier of the base lr at optimizer step ``step`` (0-based).
 
     ``poly``: linear warm-up from ``warmup_ratio`` over ``warmup_steps``, then (1 - step/max_steps)^power decay from
-    lr to ``min_lr`` (mmseg's PolyLR after LinearLR). ``rise_fall``: linear rise from ``min_lr`` to lr over
-    ``warmup_steps``, then linear fall back to ``min_lr`` at ``max_steps`` (the NYUv2 recipe's one-cycle shape).
+    lr to ``min_lr`` (mmseg's PolyLR after LinearLR).
+
+    ``rise_fall`` (VPD ``depth/train.py``): with s = step + 1 (VPD counts the batch being taken from 1), h =
+    ``warmup_steps`` and p = ``rise_fall_power``, lr(s) = min + (lr - min)·(s/h)^p while s < h, then
+    max(min, lr - (lr - min)·(s/h - 1)^p): back at ``min_lr`` after 2h steps and held there. With h = 0 there is
+    no rise and the fall lasts ``max_steps``.
     """
     total, warmup, lr = config.max_steps, config.warmup_steps, config.lr
     floor = config.min_lr / lr if lr > 0 else 0.0
@@ -61,15 +122,30 @@ def lr_factor(step: int, config: TrainConfig) -> float:
             ramp = config.warmup_ratio + (1 - config.warmup_ratio) * step / warmup
             return decay * ramp
         return decay
-    if step < warmup:
-        return floor + (1 - floor) * step / warmup
-    return floor + (1 - floor) * max(0.0, (total - step) / max(1, total - warmup))
+    power, s = config.rise_fall_power, step + 1
+    if warmup <= 0:
+        return max(floor, 1 - (1 - floor) * min(1.0, s / max(1, total)) ** power)
+    if s < warmup:
+        return floor + (1 - floor) * (s / warmup) ** power
+    return max(floor, 1 - (1 - floor) * (s / warmup - 1) ** power)
 
 
 def build_optimizer(
-    model: nn.Module, unet: nn.Module, config: TrainConfig
+    model: nn.Module, unet: nn.Module, config: TrainConfig, task: str = "seg"
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    groups = parameter_groups(model, unet, config.lr, config.weight_decay, config.unet_lr_mult)
+    """AdamW over VPD's groups for ``task`` (seg: the mmseg rule, depth: the ldm rule) and the lr schedule.
+
+    The task heads are the model's ``neck`` and ``head`` where it has them."""
+    heads = [m for m in (getattr(model, "neck", None), getattr(model, "head", None)) if isinstance(m, nn.Module)]
+    groups = parameter_groups(
+        model,
+        unet,
+        config.lr,
+        config.weight_decay,
+        config.unet_lr_mult,
+        rule="mmseg" if task == "seg" else "ldm",
+        heads=heads,
+    )
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     return optimizer, scheduler

@@ -61,6 +61,14 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, float | int | str | bool]:
     return out
 
 
+def sync_batchnorm(model: torch.nn.Module, task: str, num_processes: int, device_type: str) -> torch.nn.Module:
+    """SyncBatchNorm in the heads of segmentation models trained on several GPUs (VPD's mmseg config); depth models
+    keep plain BatchNorm, each GPU normalising its own share of the batch (VPD's depth model)."""
+    if task == "seg" and num_processes > 1 and device_type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
 def train(config: Config, resume: str | None = None) -> Path:
     """Train ``config`` into ``config.train.out``; returns the folder of the final model checkpoint."""
     tc = config.train
@@ -76,12 +84,11 @@ def train(config: Config, resume: str | None = None) -> Path:
     )
     set_seed(tc.seed)  # identical initial weights on every rank
     model = build_model(config.model)
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = sync_batchnorm(model, config.model.task, accelerator.num_processes, accelerator.device.type)
     if tc.mixed_precision != "no":
         for part in model.frozen_modules():
             part.to(torch.bfloat16 if tc.mixed_precision == "bf16" else torch.float16)
-    optimizer, scheduler = build_optimizer(model, model.unet, tc)
+    optimizer, scheduler = build_optimizer(model, model.unet, tc, task=config.model.task)
     with accelerator.main_process_first():
         train_set = build_dataset(config, "train")
         val_set = build_dataset(config, "val") if tc.eval_every > 0 else None
