@@ -1,11 +1,14 @@
-"""Method ablation on synthetic scenes: vpd, implicit, explicit (oracle) and iedp on the same step budget.
+"""Method ablation on synthetic scenes: does language guidance pay on the miniature?
 
-For each weights preset, task, method and seed, trains the demo recipe (``iedp/configs/demo_{seg,depth}.yaml``)
-for ``--steps`` steps and evaluates on the synthetic validation split with the real protocols. The seed changes the
-initialisation of the new layers, dropout and the data order; the scenes are the same for every run. Writes every
-run's metrics to JSON and appends a table of mean ± std to BENCHMARKS.md.
+For each task, variant and seed, trains the demo recipe (``iedp/configs/demo_{seg,depth}.yaml``) for ``--steps``
+steps and evaluates on the synthetic validation split with the real protocols. The seed changes the
+initialisation of the new layers, dropout and the data order, and is the same for every variant, so runs of one
+seed are paired. Reports mean ± std per variant and, per seed, the paired difference of each variant against
+``vpd``: its mean, standard error and wins. Runs go to ``--jobs`` processes of one thread each.
 
-    python bench/ablation.py --steps 150 --seeds 0 1 2 --weights tiny-pretrained tiny
+    python bench/ablation.py --steps 300 --seeds 0 1 2 3 4 --jobs 2
+
+Pick settings (steps, recipe overrides) on other seeds than the ones you report.
 """
 
 from __future__ import annotations
@@ -13,115 +16,148 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
-import torch
+# variant -> config overrides; every variant of one seed sees the same scenes in the same order.
+VARIANTS = {
+    "vpd": ["model.method=vpd"],
+    "implicit (queries)": ["model.method=implicit", "model.implicit=queries"],
+    "implicit (pooled)": ["model.method=implicit", "model.implicit=pooled"],
+    "explicit (oracle)": ["model.method=explicit"],
+    "iedp": ["model.method=iedp"],
+}
+# metric -> True when higher is better
+METRICS = {"seg": {"mIoU": True, "aAcc": True}, "depth": {"rmse": False, "d1": True}}
 
-from iedp.config import load_config
-from iedp.engine.train import train
 
-METHODS = ("vpd", "implicit", "explicit", "iedp")
-KEYS = {"seg": ("mIoU", "aAcc"), "depth": ("rmse", "d1")}
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
 
 
-def run(task: str, method: str, weights: str, seed: int, steps: int, out: Path, extra: list[str]) -> dict:
+def run(task: str, variant: str, seed: int, steps: int, weights: str, out: Path, extra: list[str]) -> dict:
+    """Train and evaluate one (task, variant, seed); returns its final metrics."""
+    from iedp.config import load_config
+    from iedp.engine.train import train
+
+    logging.basicConfig(level=logging.WARNING)
+    folder = out / f"{task}_{variant.split()[0]}_{'-'.join(variant.split()[1:])}_{seed}"
     config = load_config(
         f"demo_{task}",
         [
-            f"model.method={method}",
+            *VARIANTS[variant],
             f"model.weights={weights}",
             f"train.seed={seed}",
             f"train.max_steps={steps}",
             f"train.checkpoint_every={steps}",
             f"train.eval_every={steps}",
             "train.checkpoints_total_limit=1",
-            f"train.out={out / f'{weights}_{task}_{method}_{seed}'}",
+            f"train.out={folder}",
             *extra,
         ],
     )
     tic = time.perf_counter()
     train(config)
-    metrics = json.loads((Path(config.train.out) / "metrics.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    result = {"task": task, "variant": variant, "seed": seed, "seconds": time.perf_counter() - tic}
+    return result | {k: metrics[k] for k in METRICS[task]}
+
+
+def paired(runs: list[dict], task: str, variant: str, metric: str, baseline: str = "vpd") -> dict | None:
+    """Per-seed difference ``variant − baseline``: mean, standard error, wins (in the metric's better
+    direction) and the number of seeds."""
+    by_seed = {(r["variant"], r["seed"]): r[metric] for r in runs if r["task"] == task}
+    seeds = sorted(s for v, s in by_seed if v == variant and (baseline, s) in by_seed)
+    if len(seeds) < 2:
+        return None
+    diffs = [by_seed[(variant, s)] - by_seed[(baseline, s)] for s in seeds]
+    higher = METRICS[task][metric]
     return {
-        "task": task,
-        "method": method,
-        "weights": weights,
-        "seed": seed,
-        "seconds": time.perf_counter() - tic,
-        **{k: metrics[k] for k in KEYS[task]},
+        "mean": statistics.mean(diffs),
+        "se": statistics.stdev(diffs) / len(diffs) ** 0.5,
+        "wins": sum((d > 0) if higher else (d < 0) for d in diffs),
+        "n": len(diffs),
     }
 
 
-def summarize(runs: list[dict]) -> dict[tuple[str, str, str], dict[str, tuple[float, float]]]:
-    """(weights, task, method) -> metric -> (mean, std over seeds)."""
-    groups: dict[tuple[str, str, str], list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["weights"], r["task"], r["method"]), []).append(r)
-    return {
-        key: {
-            k: (statistics.mean(r[k] for r in rs), statistics.stdev(r[k] for r in rs) if len(rs) > 1 else 0.0)
-            for k in KEYS[key[1]]
-        }
-        for key, rs in groups.items()
-    }
-
-
-def table(summary: dict, args: argparse.Namespace) -> str:
-    weights = list(dict.fromkeys(w for w, _, _ in summary))
-    header = (
-        "| method | "
-        + " | ".join(f"{w}: seg mIoU | {w}: seg aAcc | {w}: depth RMSE | {w}: depth δ1" for w in weights)
-        + " |"
-    )
-    lines = [header, "|---|" + "---|" * (4 * len(weights))]
-    for method in METHODS:
+def table(runs: list[dict], task: str) -> str:
+    """Markdown table of one task: mean ± std per variant, then the paired difference against vpd."""
+    metrics = list(METRICS[task])
+    head = " | ".join(metrics)
+    pair_head = " | ".join(f"Δ{m} vs vpd (mean ± se, wins)" for m in metrics)
+    lines = [f"| {task} | {head} | {pair_head} |", "|---|" + "---|" * (2 * len(metrics))]
+    for variant in VARIANTS:
+        rows = [r for r in runs if r["task"] == task and r["variant"] == variant]
+        if not rows:
+            continue
         cells = []
-        for w in weights:
-            for task in ("seg", "depth"):
-                stats = summary.get((w, task, method))
-                cells += [f"{stats[k][0]:.3f} ± {stats[k][1]:.3f}" if stats else "–" for k in KEYS[task]]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
+        for m in metrics:
+            values = [r[m] for r in rows]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
+        for m in metrics:
+            p = paired(runs, task, variant, m) if variant != "vpd" else None
+            sign = "**" if p and abs(p["mean"]) > 2 * p["se"] else ""
+            cells.append(f"{sign}{p['mean']:+.3f} ± {p['se']:.3f}{sign} ({p['wins']}/{p['n']})" if p else "–")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(runs: list[dict], args: argparse.Namespace) -> str:
+    command = (
+        f"python bench/ablation.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} "
+        f"--weights {args.weights} --tasks {' '.join(args.tasks)} --jobs {args.jobs}"
+        + "".join(f" --set {s}" for s in args.set)
+    )
+    minutes = sum(r["seconds"] for r in runs) / 60
+    tables = "\n\n".join(table(runs, task) for task in args.tasks)
     return (
-        f"\n### Method ablation, {time.strftime('%Y-%m-%d')} ({machine})\n\n"
-        f"`python bench/ablation.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} "
-        f"--weights {' '.join(args.weights)} --tasks {' '.join(args.tasks)}"
-        f"{''.join(f' --set {s}' for s in args.set)}`: demo recipe (synthetic 128×128, batch 8), {args.steps} steps per run, "
-        f"mean ± std over {len(args.seeds)} seeds; mIoU/aAcc in percent, RMSE in metres. `explicit` is an oracle "
-        "(it reads the labels at test time).\n\n" + "\n".join(lines) + "\n"
+        f"\n### Method ablation, {time.strftime('%Y-%m-%d')} ({platform.machine()}, {os.cpu_count()} cores, "
+        f"{args.jobs} runs at a time, one thread each)\n\n"
+        f"`{command}`: demo recipe on `{args.weights}`, {args.steps} steps per run, {len(args.seeds)} seeds "
+        f"({minutes:.0f} run-minutes). Mean ± std over seeds; Δ = variant − vpd on the same seed (same "
+        "initialisation and data order), mean ± standard error, and on how many seeds the variant was better; "
+        "bold where |mean| > 2 se. mIoU/aAcc in percent, RMSE in metres. `explicit` is an oracle (it reads the "
+        "labels at test time); `iedp` infers with the implicit branch only.\n\n" + tables + "\n"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--weights", nargs="+", default=["tiny-pretrained", "tiny"])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--weights", default="tiny-pretrained")
     parser.add_argument("--tasks", nargs="+", default=["seg", "depth"], choices=["seg", "depth"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides"
-    )
-    parser.add_argument("--json", default="bench/out/ablation.json")
-    parser.add_argument("--no-append", action="store_true", help="do not append the table to BENCHMARKS.md")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides")
+    parser.add_argument("--json", default="bench/results/ablation.json")
+    parser.add_argument("--no-append", action="store_true", help="do not append the tables to BENCHMARKS.md")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before they import torch
+    jobs = [(t, v, s) for t in args.tasks for s in args.seeds for v in args.variants]
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for weights in args.weights:
-            for task in args.tasks:
-                for method in args.methods:
-                    for seed in args.seeds:
-                        runs.append(run(task, method, weights, seed, args.steps, Path(tmp), args.set))
-                        print(json.dumps(runs[-1]), flush=True)
-    summary = summarize(runs)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_one_thread) as pool,
+    ):
+        futures = [
+            pool.submit(run, t, v, s, args.steps, args.weights, Path(tmp), args.set) for t, v, s in jobs
+        ]
+        for future in futures:
+            runs.append(future.result())
+            print(json.dumps(runs[-1]), flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
-    text = table(summary, args)
+    text = report(runs, args)
     print(text)
     if not args.no_append:
         with open("BENCHMARKS.md", "a", encoding="utf-8") as f:
