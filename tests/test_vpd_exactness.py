@@ -4,10 +4,12 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
 from iedp.config import ModelConfig, TrainConfig
+from iedp.engine.inference import segment
 from iedp.engine.optim import build_optimizer, lr_factor
 from iedp.engine.train import sync_batchnorm
 from iedp.models.backbone import DiffusionBackbone
@@ -161,3 +163,22 @@ def test_depth_schedule_is_vpds_power_rise_and_fall():
     }
     for step, lr in expected.items():
         assert lr_factor(step, config) * 5e-4 == pytest.approx(lr, rel=1e-7), step
+
+
+def test_multi_scale_flip_averages_softmax_of_each_view():
+    """mmseg aug_test: softmax of every (scale, flip) view, then the mean; not the softmax of flip-averaged logits."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 4, 5, padding=2)
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        scores = segment(model, image, (64, 64), window=64, stride=64, multiple=64, scales=(1.0,), flip=True)
+        views = [model(image).softmax(1), model(image.flip(-1)).flip(-1).softmax(1)]
+        torch.testing.assert_close(scores, (views[0] + views[1]) / 2)
+        averaged_logits = ((model(image) + model(image.flip(-1)).flip(-1)) / 2).softmax(1)
+        assert (scores - averaged_logits).abs().max() > 1e-3
+        # two scales and flips: four views, each softmaxed at the output size
+        scores = segment(model, image, (64, 64), window=128, stride=128, multiple=64, scales=(1.0, 2.0), flip=True)
+        big = F.interpolate(image, size=(128, 128), mode="bilinear", align_corners=False)
+        down = lambda x: F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)  # noqa: E731
+        views += [down(model(big)).softmax(1), down(model(big.flip(-1))).flip(-1).softmax(1)]
+        torch.testing.assert_close(scores, sum(views) / 4)

@@ -66,26 +66,27 @@ def segment(
 ) -> torch.Tensor:
     """Class scores (1, K, *out_size) of a (1, 3, H, W) image already resized to the base scale.
 
-    Single scale without flip returns logits (mmseg's whole-image path); with several scales or flips it
-    returns the average of softmax probabilities (mmseg's aug_test). Either way argmax gives the label map.
+    Single scale without flip returns logits (mmseg's whole-image path); with several scales or flips it returns
+    mmseg's aug_test: each (scale, flip) view's logits (windows averaged, resized to ``out_size``) go through their
+    own softmax, and the probabilities are averaged over all views. Either way argmax gives the label map.
     """
     H, W = image.shape[-2:]
 
-    def at_scale(scale: float) -> torch.Tensor:
+    def view(scale: float, flipped: bool) -> torch.Tensor:
         size = (round(H * scale), round(W * scale))
         scaled = (
             image if size == (H, W) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
         )
+        if flipped:
+            scaled = scaled.flip(-1)
+        logits = sliding_window(predict, scaled, window, stride, multiple, batch_size)
+        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        return logits.flip(-1) if flipped else logits
 
-        def slide(x: torch.Tensor) -> torch.Tensor:
-            return sliding_window(predict, x, window, stride, multiple, batch_size)
-
-        logits = with_flip(slide, scaled) if flip else slide(scaled)
-        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-
-    if len(scales) == 1 and not flip:
-        return at_scale(scales[0])
-    return torch.stack([at_scale(s).softmax(dim=1) for s in scales]).mean(dim=0)
+    views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+    if len(views) == 1:
+        return view(*views[0])
+    return torch.stack([view(s, f).softmax(dim=1) for s, f in views]).mean(dim=0)
 
 
 def estimate_depth(
