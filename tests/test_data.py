@@ -8,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+from iedp.config import Config, DataConfig, ModelConfig
 from iedp.data.ade20k import ADE20K
 from iedp.data.images import check_same_size, read_depth_png, read_label, read_rgb, write_depth_png
-from iedp.data.nyu import NYUDepthV2
+from iedp.data.nyu import LIST_FOLDERS, NYUDepthV2, read_list_file
 from iedp.data.prompts import match_scene, scene_prompt, seg_prompt
 from iedp.data.transforms import DepthTrainTransform, SegTrainTransform, random_crop, rescale_size
+from iedp.engine.data import build_dataset
 from iedp.errors import InputError
 from iedp.resources import read_names
 
@@ -220,6 +222,43 @@ def test_nyu_list_file_and_samples(tmp_path, caplog):
     assert sample["image"].shape == (3, 512, 512) and sample["depth"].shape == (1, 512, 512)
     assert (sample["depth"][:, 480:] == 0).all() and (sample["depth"][:, :, 480:] == 0).all()
     assert torch.equal(train[1]["image"], sample["image"])
+
+
+def test_nyu_lists_as_bts_and_vpd_write_them(tmp_path):
+    """data.root at the folder holding sync/ and official_splits/; training lines relative to sync/ (with a leading
+    "/"), test lines relative to official_splits/test/, as in VPD's train_list.txt / test_list.txt and BTS's
+    nyudepthv2_{train,test}_files_with_gt.txt; lines relative to the root and absolute lines still work."""
+    root = tmp_path / "nyu"
+    _nyu_frame(root / "sync", "kitchen_0028b", 45)
+    _nyu_frame(root / "sync", "living_room_0019", 111)
+    _nyu_frame(root / "official_splits" / "test", "bathroom", 45)
+    _nyu_frame(root / "official_splits" / "test", "bedroom", 46)
+    (root / "train.txt").write_text(
+        "/kitchen_0028b/rgb_00045.jpg /kitchen_0028b/sync_depth_00045.png 518.8579\n"
+        "sync/living_room_0019/rgb_00111.jpg sync/living_room_0019/sync_depth_00111.png 518.8579\n"
+    )
+    absolute = root / "official_splits" / "test" / "bedroom"
+    (root / "test.txt").write_text(
+        "bathroom/rgb_00045.jpg bathroom/sync_depth_00045.png 518.8579\n"
+        f"{absolute}/rgb_00046.jpg {absolute}/sync_depth_00046.png\n"
+    )
+    config = Config(
+        model=ModelConfig(task="depth", method="vpd", classes="nyu_scenes"),
+        data=DataConfig(dataset="nyu", root=str(root), train_list="train.txt", test_list="test.txt"),
+    )
+    train, test = build_dataset(config, "train"), build_dataset(config, "val")
+    assert [e.rgb for e in train.entries] == [
+        root / "sync/kitchen_0028b/rgb_00045.jpg",
+        root / "sync/living_room_0019/rgb_00111.jpg",
+    ]
+    assert [e.depth for e in test.entries] == [
+        root / "official_splits/test/bathroom/sync_depth_00045.png",
+        absolute / "sync_depth_00046.png",
+    ]
+    assert [s["scene"] for s in (train[0], test[0])] == ["kitchen", "bathroom"]
+    assert test[0]["name"] == "bathroom_rgb_00045"
+    # the test list read as a training list still finds its files (its own folder is tried second)
+    assert read_list_file(root / "test.txt", root, LIST_FOLDERS["train"])[0].rgb == test.entries[0].rgb
 
 
 @pytest.mark.parametrize("line", ["kitchen/rgb_00001.jpg", "a b c d"])

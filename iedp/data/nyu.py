@@ -27,12 +27,28 @@ class ListEntry:
     line: int
 
 
-def read_list_file(list_file: str | Path, root: str | Path) -> list[ListEntry]:
-    """Parse "rgb depth [focal]" lines; paths are relative to ``root``.
+# Where BTS / VPD list files are relative to, under the NYUv2 root: training lines ("/kitchen_0028b/rgb_00045.jpg")
+# to sync/, test lines ("bathroom/rgb_00045.jpg") to official_splits/test/. Each split looks in its own first.
+LIST_FOLDERS = {"train": ("sync", "official_splits/test"), "test": ("official_splits/test", "sync")}
 
-    BTS list files start paths with "/" ("/kitchen_0028b/rgb_00045.jpg"); that slash is read as
-    relative to ``root`` too. The focal length column is ignored, blank lines are skipped, and
-    every named file must exist.
+
+def _resolve(column: str, root: Path, folders: Sequence[str]) -> tuple[Path | None, list[Path]]:
+    """The file a list column names, and the places tried: the path as written when absolute, then under each
+    of ``folders`` of ``root``, then under ``root`` itself (a leading "/" is read as relative there)."""
+    relative = column.lstrip("/")
+    candidates = [Path(column)] if Path(column).is_absolute() else []
+    candidates += [root / folder / relative for folder in folders] + [root / relative]
+    return next((c for c in candidates if c.is_file()), None), candidates
+
+
+def read_list_file(list_file: str | Path, root: str | Path, folders: Sequence[str] = ()) -> list[ListEntry]:
+    """Parse "rgb depth [focal]" lines into existing files.
+
+    A path is taken as written when it is absolute and exists; otherwise it is looked up under each of
+    ``folders`` of ``root`` (:data:`LIST_FOLDERS`: VPD's and BTS's lists are relative to ``sync/`` or
+    ``official_splits/test/``), then under ``root``. BTS and VPD training lines start with "/"
+    ("/kitchen_0028b/rgb_00045.jpg"); that slash is read as relative too. The focal length column is ignored,
+    blank lines are skipped, and every named file must exist.
     """
     list_file, root = Path(list_file), Path(root)
     if not list_file.is_file():
@@ -47,18 +63,22 @@ def read_list_file(list_file: str | Path, root: str | Path) -> list[ListEntry]:
                 f"{list_file}, line {number}: expected 'rgb depth [focal]' (2 or 3 columns), "
                 f"got {len(columns)}: {line.strip()!r}"
             )
-        rgb, depth = (root / column.lstrip("/") for column in columns[:2])
-        for path in (rgb, depth):
-            if not path.is_file():
-                raise InputError(f"{list_file}, line {number}: file not found: {path}")
-        entries.append(ListEntry(rgb=rgb, depth=depth, line=number))
+        paths = []
+        for column in columns[:2]:
+            path, tried = _resolve(column, root, folders)
+            if path is None:
+                elsewhere = f" (nor {', '.join(map(str, tried[:-1]))})" if len(tried) > 1 else ""
+                raise InputError(f"{list_file}, line {number}: file not found: {tried[-1]}{elsewhere}")
+            paths.append(path)
+        entries.append(ListEntry(rgb=paths[0], depth=paths[1], line=number))
     if not entries:
         raise InputError(f"{list_file}: no entries")
     return entries
 
 
 class NYUDepthV2(Dataset):
-    """NYUv2 frames named by a list file, as sample dicts.
+    """NYUv2 frames named by a list file, as sample dicts. List paths are resolved by :func:`read_list_file`
+    against ``folders`` of ``root`` (``LIST_FOLDERS["test"]`` for the official test list).
 
     Each sample is a dict:
 
@@ -84,8 +104,9 @@ class NYUDepthV2(Dataset):
         transform: DepthTrainTransform | None = None,
         scene_names: Sequence[str] | None = None,
         seed: int = 0,
+        folders: Sequence[str] = LIST_FOLDERS["train"],
     ) -> None:
-        self.entries = read_list_file(list_file, root)
+        self.entries = read_list_file(list_file, root, folders)
         self.augment = augment
         self.transform = transform or DepthTrainTransform()
         self.scene_names = list(scene_names) if scene_names is not None else read_names("nyu_scenes.txt")

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from iedp.classes import load_class_names
 from iedp.config import Config
 from iedp.data.ade20k import ADE20K
-from iedp.data.nyu import NYUDepthV2
+from iedp.data.nyu import LIST_FOLDERS, NYUDepthV2
 from iedp.data.synthetic import SyntheticScenes
 from iedp.data.transforms import DepthTrainTransform, SegTrainTransform
 from iedp.errors import InputError
@@ -72,6 +72,7 @@ def build_dataset(config: Config, split: str) -> Dataset:
         augment=augment,
         scene_names=names,
         seed=data.seed,
+        folders=LIST_FOLDERS["train" if train else "test"],
         transform=DepthTrainTransform(
             crop_size=(data.crop_size, data.crop_size), pad_multiple=data.pad_multiple
         ),
