@@ -14,6 +14,7 @@ from iedp.engine.optim import build_optimizer, lr_factor
 from iedp.engine.train import sync_batchnorm
 from iedp.models.backbone import DiffusionBackbone
 from iedp.models.build import build_model
+from iedp.models.heads.depth_head import DepthHead
 from iedp.weights import load_stable_diffusion, tiny_weights_dir
 
 
@@ -182,3 +183,25 @@ def test_multi_scale_flip_averages_softmax_of_each_view():
         down = lambda x: F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)  # noqa: E731
         views += [down(model(big)).softmax(1), down(model(big.flip(-1))).flip(-1).softmax(1)]
         torch.testing.assert_close(scores, sum(views) / 4)
+
+
+def test_depth_head_initialised_as_vpd():
+    """VPDDepthEncoder's convs: trunc_normal(std 0.02); Decoder convs/deconvs and last_layer_depth: normal(std 1e-3);
+    biases 0."""
+    torch.manual_seed(0)
+    head = DepthHead([32, 32, 64, 64], fuse_channels=64, deconv_channels=32, head_channels=32)
+    fusion = [m for part in (head.reduce0, head.reduce1, head.fuse) for m in part.modules() if isinstance(m, nn.Conv2d)]
+    later = [m for part in (head.decoder, head.predict) for m in part.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+    assert len(fusion) == 4 and len(later) == 3 + 1 + 2
+    for conv in fusion:
+        assert conv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+        assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
+    for conv in later:
+        assert conv.weight.std().item() == pytest.approx(0.001, rel=0.15)
+        assert conv.bias is None or torch.equal(conv.bias, torch.zeros_like(conv.bias))
+    # the prediction starts near sigmoid(0) × max depth everywhere
+    features = [torch.randn(1, c, s, s) for c, s in zip(head.in_channels, (8, 4, 2, 1), strict=True)]
+    with torch.no_grad():
+        depth = head.eval()(features)
+    assert depth.shape == (1, 1, 64, 64)
+    torch.testing.assert_close(depth, torch.full_like(depth, 5.0), atol=0.05, rtol=0)

@@ -93,6 +93,25 @@ class DepthHead(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(head_channels, 1, kernel_size=3, padding=1),
         )
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """VPD's initialisation (depth/models_depth/model.py): the fusion convs (VPDDepthEncoder) truncated normal,
+        std 0.02; the decoder's convs and transposed convs and the final convs normal, std 0.001; biases 0; norm
+        layers weight 1, bias 0."""
+        for module in (self.reduce0, self.reduce1, self.fuse):
+            for conv in module.modules():
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.trunc_normal_(conv.weight, std=0.02, a=-2.0, b=2.0)  # timm's bounds: ±2, not ±2σ
+                    nn.init.zeros_(conv.bias)
+        for module in (*self.decoder.modules(), *self.predict.modules()):
+            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+                nn.init.normal_(module.weight, std=0.001)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def forward(self, features: list[Tensor]) -> Tensor:
         """``features``: four maps B x in_channels[i] x H_i x W_i, fine to coarse, with H_2 x W_2 the fused size.
