@@ -75,6 +75,7 @@ class DataConfig:
     seed: int = 0  # synthetic scenes and augmentation streams
     num_workers: int = 2
     augment: bool = True  # training augmentation; false (synthetic scenes only) uses samples as rendered
+    cutdepth: bool = False  # depth training: CutDepth on one sample in four, as VPD (the NYUv2 recipes turn it on)
     skip_bad: bool = (
         False  # skip unreadable training files (counted and named at the end) instead of stopping
     )

@@ -2,13 +2,16 @@
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from iedp.config import ModelConfig, TrainConfig
+from iedp.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
+from iedp.data.transforms import DepthTrainTransform, cut_depth
+from iedp.engine.data import build_dataset
 from iedp.engine.inference import segment
 from iedp.engine.optim import build_optimizer, lr_factor
 from iedp.engine.train import sync_batchnorm
@@ -205,3 +208,45 @@ def test_depth_head_initialised_as_vpd():
         depth = head.eval()(features)
     assert depth.shape == (1, 1, 64, 64)
     torch.testing.assert_close(depth, torch.full_like(depth, 5.0), atol=0.05, rtol=0)
+
+
+def test_cut_depth_writes_millimetres_modulo_256_into_a_strip():
+    """VPD (GLPDepth's augment_training_data) on a 480x640 frame: strip at int(alpha·W), int(max((W - alpha·W)·beta·0.75,
+    1)) wide, with the depth in millimetres cast into the uint8 image (mod 256), all three channels."""
+    image = np.full((480, 640, 3), 100.0, dtype=np.float32)
+    depth = np.tile(np.array([2.0, 0.3, 0.256, 9.999], dtype=np.float32), (480, 160))  # 2000, 300, 256, 9999 mm
+    alpha, beta = np.random.default_rng(7).random(2)
+    left = int(alpha * 640)
+    width = int(max((640 - alpha * 640) * beta * 0.75, 1))
+    out = cut_depth(image, depth, np.random.default_rng(7))
+    expected = image.copy()
+    wrapped = np.array([2000 % 256, 300 % 256, 0, 9999 % 256], dtype=np.float32)  # 208, 44, 0, 15
+    expected[:, left : left + width] = np.tile(wrapped, 160)[left : left + width][None, :, None]
+    np.testing.assert_array_equal(out, expected)
+    assert width > 1 and left > 0 and (out != image).any()
+    # numpy's own uint8 cast, as VPD's assignment does it
+    vpd_image = image.astype(np.uint8)
+    with np.errstate(invalid="ignore"):
+        vpd_image[:, left : left + width, 0] = (depth[:, left : left + width] * 1000).round()
+    np.testing.assert_array_equal(out[..., 0], vpd_image[..., 0])
+
+
+def test_cutdepth_on_one_sample_in_four_from_the_recipes(tmp_path):
+    plain = {"brightness_limit": 0.0, "contrast_limit": 0.0, "gamma_range": (1.0, 1.0), "hue_shift_limit": 0.0,
+             "saturation_shift_limit": 0.0, "value_shift_limit": 0.0, "crop_size": (48, 64), "pad_multiple": 1}
+    image = np.full((48, 64, 3), 128.0, dtype=np.float32)
+    depth = np.full((48, 64), 0.256, dtype=np.float32)  # 256 mm -> 0 in the strip
+    cut = DepthTrainTransform(cutdepth_prob=0.25, **plain)
+    hits = [bool((cut(image, depth, np.random.default_rng(i))[0] < -0.9).any()) for i in range(400)]
+    assert hits == [np.random.default_rng(i).random() < 0.25 for i in range(400)]  # the sample's first draw
+    assert 0.15 < np.mean(hits) < 0.35
+    # the same sample and seed always decide the same way
+    assert torch.equal(cut(image, depth, np.random.default_rng(3))[0], cut(image, depth, np.random.default_rng(3))[0])
+    # switched off, the augmentation stream is today's
+    off, default = DepthTrainTransform(**plain), DepthTrainTransform(cutdepth_prob=0.0, **plain)
+    assert torch.equal(off(image, depth, np.random.default_rng(1))[0], default(image, depth, np.random.default_rng(1))[0])
+    for name in ("vpd", "iedp", "implicit", "explicit"):
+        assert load_config(f"nyu_{name}").data.cutdepth
+    synthetic = Config(model=ModelConfig(task="depth", classes="synthetic_scenes"),
+                       data=DataConfig(dataset="synthetic", cutdepth=True, num_train=4))
+    assert build_dataset(synthetic, "train").depth_transform.cutdepth_prob == 0.25

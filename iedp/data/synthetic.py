@@ -39,6 +39,7 @@ from iedp.data.raycast import (
     surface_normals,
 )
 from iedp.data.transforms import (
+    CUTDEPTH_PROB,
     DepthTrainTransform,
     SegTrainTransform,
     depth_test_transform,
@@ -391,7 +392,8 @@ class SyntheticScenes(Dataset):
     ``cache`` each rendered scene is kept in memory (per DataLoader worker). With ``augment``,
     segmentation samples get :class:`~iedp.data.transforms.SegTrainTransform` (random rescale
     0.5–2× of the native size, crop back to it, flip, photometric distortion) and depth samples
-    :class:`~iedp.data.transforms.DepthTrainTransform` (flip and colour jitter at full size),
+    :class:`~iedp.data.transforms.DepthTrainTransform` (flip and colour jitter at full size, and CutDepth
+    with ``cutdepth``),
     drawing from ``numpy.random.default_rng((seed, split, epoch, index))``.
     """
 
@@ -404,6 +406,7 @@ class SyntheticScenes(Dataset):
         seed: int = 0,
         augment: bool = False,
         cache: bool = False,
+        cutdepth: bool = False,
     ) -> None:
         if task not in _TASKS:
             raise InputError(f"task must be one of {', '.join(_TASKS)}, got {task!r}")
@@ -423,7 +426,9 @@ class SyntheticScenes(Dataset):
         self.seg_transform = SegTrainTransform(
             crop_size=(height, width), base_scale=(4 * max(height, width), min(height, width))
         )
-        self.depth_transform = DepthTrainTransform(crop_size=(height, width), pad_multiple=1)
+        self.depth_transform = DepthTrainTransform(
+            crop_size=(height, width), pad_multiple=1, cutdepth_prob=CUTDEPTH_PROB if cutdepth else 0.0
+        )
 
     def __len__(self) -> int:
         return self.size

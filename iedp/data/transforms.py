@@ -11,8 +11,8 @@ ratio_range=(0.5, 2.0), keep_ratio=True)``, ``RandomCrop(512, cat_max_ratio=0.75
 Resizing uses ``torch.nn.functional.interpolate`` (bilinear with antialiasing for images, nearest
 for labels) instead of OpenCV.
 
-Depth follows GLPDepth/VPD (albumentations defaults): flip, random crop, brightness/contrast,
-gamma, hue/saturation/value; see :class:`DepthTrainTransform` for the values.
+Depth follows GLPDepth/VPD (albumentations defaults): CutDepth (optional), flip, random crop,
+brightness/contrast, gamma, hue/saturation/value; see :class:`DepthTrainTransform` for the values.
 """
 
 import math
@@ -200,6 +200,29 @@ def photometric_distortion(
     return image
 
 
+CUTDEPTH_PROB = 0.25  # VPD: CutDepth on one sample in four
+
+
+def cut_depth(
+    image: np.ndarray, depth: np.ndarray, rng: np.random.Generator, max_width: float = 0.75
+) -> np.ndarray:
+    """CutDepth as VPD (GLPDepth's ``augment_training_data``): a vertical strip of the image becomes the depth map.
+
+    With alpha, beta ~ U(0, 1) the strip starts at column ``int(alpha × W)`` and is
+    ``int(max((W - alpha × W) × beta × max_width, 1))`` wide. VPD writes the depth in millimetres into its uint8
+    image, which keeps the millimetres modulo 256 (NumPy's cast on x86); so does this function, on all three
+    channels: the strip shows depth as a sawtooth of period 25.6 cm. Returns a new float32 image.
+    """
+    width = image.shape[1]
+    alpha, beta = rng.random(), rng.random()
+    left = int(alpha * width)
+    strip = int(max((width - alpha * width) * beta * max_width, 1))
+    millimetres = np.round(depth[:, left : left + strip].astype(np.float64) * 1000.0)
+    image = image.astype(np.float32, copy=True)
+    image[:, left : left + strip] = (millimetres % 256).astype(np.float32)[..., None]
+    return image
+
+
 # ----------------------------------------------------------------------------- tensors
 
 
@@ -278,7 +301,12 @@ class DepthTrainTransform:
     - brightness/contrast: x × (1 + U(-0.2, 0.2)) + 255 × U(-0.2, 0.2);
     - gamma: 255 × (x / 255) ^ U(0.8, 1.2);
     - hue/saturation/value: hue + U(-20, 20) OpenCV units (×2°), saturation + U(-30, 30) / 255,
-      value + U(-20, 20).
+      value + U(-20, 20);
+
+    and, before all of them, on the full frame as VPD does, :func:`cut_depth` with probability ``cutdepth_prob``
+    (VPD: 0.25, off by default here; the recipes switch it on with ``data.cutdepth``). VPD applies it to every
+    fourth sample a loader worker draws, a count that depends on the number of workers; here each sample decides
+    with its own seeded draw, at the same rate.
 
     The result is padded at the bottom/right to ``crop_size`` rounded up to ``pad_multiple``
     (480 → 512), image with 0 and depth with 0 (= invalid). Depth values are never rescaled.
@@ -293,11 +321,15 @@ class DepthTrainTransform:
     hue_shift_limit: float = 20.0  # OpenCV hue units (2° each)
     saturation_shift_limit: float = 30.0  # on a 0..255 scale
     value_shift_limit: float = 20.0  # on a 0..255 scale
+    cutdepth_prob: float = 0.0  # share of samples given CutDepth (VPD: one in four)
+    cutdepth_max_width: float = 0.75  # VPD's p: the strip is at most this share of the columns right of its start
 
     def __call__(
         self, image: np.ndarray, depth: np.ndarray, rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         image = image.astype(np.float32, copy=False)
+        if self.cutdepth_prob > 0 and rng.random() < self.cutdepth_prob:  # no draw when off: streams unchanged
+            image = cut_depth(image, depth, rng, self.cutdepth_max_width)
         image, depth = random_flip(image, depth, self.flip_prob, rng)
         box = _crop_box(image.shape, self.crop_size, rng)
         image, depth = image[box], depth[box]

@@ -12,7 +12,7 @@ from iedp.config import Config
 from iedp.data.ade20k import ADE20K
 from iedp.data.nyu import LIST_FOLDERS, NYUDepthV2
 from iedp.data.synthetic import SyntheticScenes
-from iedp.data.transforms import DepthTrainTransform, SegTrainTransform
+from iedp.data.transforms import CUTDEPTH_PROB, DepthTrainTransform, SegTrainTransform
 from iedp.errors import InputError
 
 
@@ -43,6 +43,7 @@ def build_dataset(config: Config, split: str) -> Dataset:
             resolution=data.resolution,
             seed=data.seed,
             augment=augment,
+            cutdepth=data.cutdepth,
         )
     if data.dataset == "ade20k":
         if model.task != "seg":
@@ -74,7 +75,9 @@ def build_dataset(config: Config, split: str) -> Dataset:
         seed=data.seed,
         folders=LIST_FOLDERS["train" if train else "test"],
         transform=DepthTrainTransform(
-            crop_size=(data.crop_size, data.crop_size), pad_multiple=data.pad_multiple
+            crop_size=(data.crop_size, data.crop_size),
+            pad_multiple=data.pad_multiple,
+            cutdepth_prob=CUTDEPTH_PROB if data.cutdepth else 0.0,
         ),
     )
 
