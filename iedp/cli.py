@@ -1,4 +1,4 @@
-"""The ``iedp`` command line: make-tiny, pretrain-tiny, train, evaluate, predict, score, demo.
+"""The ``iedp`` command line: make-tiny, pretrain-tiny, train, evaluate, predict, score, convert-vpd, demo.
 
 Bad input (a missing file, a wrong config key, a corrupt image...) ends with one line on stderr and exit status 2;
 ``--debug`` shows the traceback instead.
@@ -55,6 +55,13 @@ def _predict(args: argparse.Namespace) -> int:
     from iedp.engine.predict import predict_paths
 
     predict_paths(args.checkpoint, args.inputs, args.out, overrides=args.set)
+    return 0
+
+
+def _convert_vpd(args: argparse.Namespace) -> int:
+    from iedp.convert_vpd import convert_vpd
+
+    print(convert_vpd(args.checkpoint, args.task, args.out, args.weights, sd=args.sd, clip=args.clip))
     return 0
 
 
@@ -119,6 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     from iedp.score import add_parser as add_score_parser
 
     add_score_parser(commands)
+
+    p = commands.add_parser(
+        "convert-vpd",
+        help="import one of VPD's released checkpoints (ADE20K / NYUv2) as an iedp checkpoint (method vpd)",
+        description="Convert VPD's released ADE20K (--task seg) or NYUv2 (--task depth) checkpoint into an iedp "
+        "checkpoint folder; then `iedp evaluate OUT --set data.root=...` checks it against VPD's numbers. The file "
+        "is read with torch.load(weights_only=True): one that needs code to load is refused. VPD's file holds the "
+        "fine-tuned UNet, the VAE encoder, the text adapter, the class / scene embeddings and the neck and head; "
+        "every key must map, and unknown or missing keys are listed. The frozen parts it lacks (the VAE decoder, "
+        "the UNet's noise-prediction output layer that VPD's depth model deletes, and the CLIP vision tower every "
+        "iedp checkpoint carries, unused by method vpd) come from --weights.",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="VPD's .pth file")
+    p.add_argument("--task", required=True, choices=("seg", "depth"), help="seg: ADE20K; depth: NYUv2")
+    p.add_argument("--out", required=True, metavar="DIR", help="the iedp checkpoint folder to write")
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="the Stable Diffusion v1.5 (unet/, vae/) + CLIP ViT-L/14 (clip/) folder VPD was trained from, as "
+        "model.weights; the converted checkpoint records it",
+    )
+    p.add_argument("--sd", help="override the SD part: a diffusers folder or a v1.5 .safetensors/.ckpt file")
+    p.add_argument("--clip", help="override the CLIP part: a transformers CLIP folder")
+    p.set_defaults(func=_convert_vpd)
 
     p = commands.add_parser("demo", help="the CPU demo: tiny preset + synthetic scenes, iedp vs vpd, report")
     p.add_argument("--out", default="demo_out")
