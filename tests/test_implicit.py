@@ -246,3 +246,15 @@ def test_bad_query_settings_are_one_line_errors():
         Config(model=seg_config(implicit_queries=0))
     with pytest.raises(InputError, match="model.implicit: 'clip'"):
         Config(model=dataclasses.replace(seg_config(), implicit="clip"))
+
+
+def test_implicit_attention_maps_over_clip_patches(iedp_seg):
+    images = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
+    maps = iedp_seg.implicit_attention(images)
+    config = iedp_seg.implicit.image_encoder.config
+    grid = config.image_size // config.patch_size
+    assert maps.shape == (2, 77, grid, grid)
+    cls_share = iedp_seg.implicit_queries.cross_attention(iedp_seg.implicit(images))[..., 0]
+    torch.testing.assert_close(maps.sum((-1, -2)) + cls_share, torch.ones(2, 77))
+    with pytest.raises(ValueError, match="model.implicit=queries"):
+        build_model(seg_config("vpd")).implicit_attention(images)

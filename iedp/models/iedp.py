@@ -152,6 +152,17 @@ class IEDPModel(nn.Module):
         tokens = torch.where(known[:, None], tokens, self.class_tokens.mean(dim=0, keepdim=True))
         return tokens[:, None]
 
+    @torch.no_grad()
+    def implicit_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, N, g, g): where each implicit query looks among CLIP's g × g image patches (the last decoder
+        layer's cross-attention, heads averaged; the class token's share is left out, so rows sum to <= 1)."""
+        if self.implicit_queries is None:
+            raise ValueError("implicit attention needs the learnable queries (model.implicit=queries)")
+        weights = self.implicit_queries.cross_attention(self.implicit(images))  # (B, N, 1 + g²)
+        B, N, T = weights.shape
+        grid = int((T - 1) ** 0.5)
+        return weights[..., 1:].reshape(B, N, grid, grid)
+
     def context(self, guidance: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """adapter([class tokens; guidance tokens]) -> (B, C + T, D); depth has no class-token part."""
         parts = [self.class_tokens.expand(batch_size, -1, -1)] if self.task == "seg" else []
