@@ -47,6 +47,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         multi_scale=args.multi_scale,
         save_predictions=args.save_predictions,
         json_path=args.json,
+        device=args.device,
+        dtype=args.dtype,
     )
     return 0
 
@@ -54,7 +56,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from iedp.engine.predict import predict_paths
 
-    predict_paths(args.checkpoint, args.inputs, args.out, overrides=args.set)
+    predict_paths(
+        args.checkpoint, args.inputs, args.out, overrides=args.set, device=args.device, dtype=args.dtype
+    )
     return 0
 
 
@@ -70,6 +74,17 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, steps=args.steps, weights=args.weights)
     return 0
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``, resolved the same way by every inference command."""
+    parser.add_argument("--device", default=None, help="auto (default: the GPU if there is one), cpu, cuda:N")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="inference precision (autocast); auto: bf16 on a GPU that has it, else fp32",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-predictions", metavar="DIR", help="write predictions in the format `iedp score` reads"
     )
     p.add_argument("--json", metavar="FILE", help="metrics JSON (default: next to the checkpoint)")
+    add_device_arguments(p)
     p.set_defaults(func=_evaluate)
 
     p = commands.add_parser("predict", help="run a checkpoint on your own images")
@@ -121,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    add_device_arguments(p)
     p.set_defaults(func=_predict)
 
     from iedp.score import add_parser as add_score_parser

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import iedp.engine.predict as predict_module
+import iedp.engine.inference as inference
 from iedp.checkpoint import save_model
 from iedp.cli import main
 from iedp.config import Config, EvalConfig, ModelConfig
@@ -70,13 +70,13 @@ def test_segmentation_writes_labels_mask_and_overlay_at_input_size(
     checkpoints, images, tmp_path, monkeypatch
 ):
     shapes = []
-    original = predict_module.predict_sample
+    original = inference.predict_scores
 
-    def spy(model, sample, config, device, out_size=None):
-        shapes.append((tuple(sample["image"].shape), out_size))
-        return original(model, sample, config, device, out_size)
+    def spy(model, sample, config, device, out_size=None, dtype=torch.float32):
+        shapes.append((tuple(sample["image"].shape), tuple(out_size)))
+        return original(model, sample, config, device, out_size, dtype)
 
-    monkeypatch.setattr(predict_module, "predict_sample", spy)
+    monkeypatch.setattr(inference, "predict_scores", spy)
     out = tmp_path / "out"
     written = predict_paths(checkpoints["seg"], [images["wide"], images["tall"]], out)
     # short side to eval.short_side = 64 for the model, scores back at the input size
@@ -128,13 +128,13 @@ def test_depth_writes_uint16_millimetres_and_colours_at_input_size(checkpoints, 
 
 def test_depth_window_larger_than_the_image_via_override(checkpoints, images, tmp_path, monkeypatch):
     seen = []
-    original = predict_module.predict_sample
+    original = inference.predict_scores
 
-    def spy(model, sample, config, device, out_size=None):
+    def spy(model, sample, config, device, out_size=None, dtype=torch.float32):
         seen.append(config.eval.depth_window)
-        return original(model, sample, config, device, out_size)
+        return original(model, sample, config, device, out_size, dtype)
 
-    monkeypatch.setattr(predict_module, "predict_sample", spy)
+    monkeypatch.setattr(inference, "predict_scores", spy)
     out = tmp_path / "out"
     predict_paths(checkpoints["depth"], [images["wide"]], out, overrides=["eval.depth_window=480"])
     assert seen == [480]

@@ -17,55 +17,19 @@ from iedp.checkpoint import load_model
 from iedp.config import Config, apply_overrides
 from iedp.data.images import write_depth_png
 from iedp.engine.data import build_dataset
-from iedp.engine.inference import estimate_depth, segment
+from iedp.engine.inference import (  # noqa: F401  model_predictor, predict_sample: re-exported, as before
+    model_predictor,
+    predict_sample,
+    resolve_device,
+    resolve_dtype,
+)
 from iedp.metrics.depth import DepthMetric
 from iedp.metrics.segmentation import SegmentationMetric
 from iedp.models.iedp import IEDPModel
 
 logger = logging.getLogger(__name__)
 
-
-def model_predictor(model: IEDPModel, sample: dict, device: torch.device):
-    """A ``predict`` callable for the inference protocols, carrying along what the method reads besides the image:
-    the scene (VPD depth) and the label prompt (the ``explicit`` oracle)."""
-
-    def predict(images: torch.Tensor) -> torch.Tensor:
-        B = images.shape[0]
-        batch = {"image": images.to(device)}
-        if "scene_id" in sample:
-            batch["scene_id"] = torch.full((B,), int(sample["scene_id"]), dtype=torch.long)
-        if "prompt" in sample:
-            batch["prompt"] = [sample["prompt"]] * B
-        return model(batch, mode="predict").float()
-
-    return predict
-
-
-@torch.no_grad()
-def predict_sample(
-    model: IEDPModel, sample: dict, config: Config, device: torch.device, out_size: tuple[int, int] | None = None
-) -> torch.Tensor:
-    """Seg: label map (H, W) at ``out_size`` (default: the ground truth's size); depth: metres at the image's size."""
-    ec = config.eval
-    multiple = model.backbone.input_multiple
-    image = sample["image"][None].to(device)
-    predict = model_predictor(model, sample, device)
-    if model.task == "seg":
-        scales = ec.scales if ec.multi_scale else (1.0,)
-        scores = segment(
-            predict,
-            image,
-            out_size or tuple(sample["label"].shape[-2:]),
-            ec.window,
-            ec.stride,
-            multiple,
-            scales=scales,
-            flip=ec.multi_scale,
-            batch_size=ec.batch_size,
-        )
-        return scores[0].argmax(dim=0)
-    depth = estimate_depth(predict, image, ec.depth_window, ec.depth_stride, multiple, ec.flip, ec.batch_size)
-    return depth[0, 0]
+MIXED_PRECISION = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def save_prediction(prediction: torch.Tensor, name: str, task: str, out_dir: Path, label_offset: int) -> None:
@@ -84,8 +48,12 @@ def evaluate_model(
     config: Config,
     accelerator: Accelerator,
     save_predictions: str | Path | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict:
-    """Metrics over ``dataset`` (every process takes every n-th sample; the metric sums are all-reduced)."""
+    """Metrics over ``dataset`` (every process takes every n-th sample; the metric sums are all-reduced).
+
+    ``dtype``: the inference precision (:func:`~iedp.engine.inference.resolve_dtype`); default: the autocast of
+    the accelerator's mixed precision, as during training."""
     was_training = model.training
     model.eval()
     count = len(dataset) if config.data.max_val is None else min(len(dataset), config.data.max_val)
@@ -98,10 +66,12 @@ def evaluate_model(
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     label_offset = 1 if config.data.dataset == "ade20k" else 0
+    if dtype is None:
+        dtype = MIXED_PRECISION[accelerator.mixed_precision]
+    device = next(model.parameters()).device
     for index in tqdm(indices, desc="evaluate", disable=not accelerator.is_local_main_process, leave=False):
         sample = dataset[index]
-        with accelerator.autocast():
-            prediction = predict_sample(model, sample, config, accelerator.device)
+        prediction = predict_sample(model, sample, config, device, dtype=dtype)
         if model.task == "seg":
             metric.update(prediction.cpu(), sample["label"])
         else:
@@ -120,14 +90,22 @@ def evaluate_checkpoint(
     multi_scale: bool = False,
     save_predictions: str | None = None,
     json_path: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict:
-    """``iedp evaluate``: the checkpoint's own config (data, eval), changed by ``--set`` overrides."""
+    """``iedp evaluate``: the checkpoint's own config (data, eval), changed by ``--set`` overrides.
+
+    ``device`` (default: the process's accelerator device) and ``dtype`` (default ``auto``: bf16 on a GPU that
+    has it, else fp32) are resolved as ``iedp predict`` resolves them, so both score the same pictures."""
     model, config = load_model(checkpoint)
     config = apply_overrides(config, [*overrides, *(["eval.multi_scale=true"] if multi_scale else [])])
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
-    model.to(accelerator.device)
+    accelerator = Accelerator(cpu=device == "cpu")
+    target = accelerator.device if device in (None, "auto", "cpu") else resolve_device(device)
+    model.to(target)
     dataset = build_dataset(config, "val")
-    metrics = evaluate_model(model, dataset, config, accelerator, save_predictions)
+    metrics = evaluate_model(
+        model, dataset, config, accelerator, save_predictions, dtype=resolve_dtype(dtype, target)
+    )
     if accelerator.is_main_process:
         print(format_metrics(metrics, model.task))
         path = Path(json_path) if json_path else Path(checkpoint) / "metrics.json"

@@ -2,6 +2,11 @@
 
 Each function takes ``predict``, a callable from an image batch (B, 3, h, w) with h, w multiples of the model's
 input multiple to per-pixel outputs (B, K, h, w), so the same code serves segmentation logits and depth maps.
+
+The end of the file is the one path from a loaded checkpoint and an image to a prediction, with its device and
+precision (:func:`resolve_device`, :func:`resolve_dtype`, :func:`predict_scores`, :func:`predict_image`):
+``iedp evaluate``, ``iedp predict``, the Python API (:mod:`iedp.api`), the web app and the demo all call it, so a
+picture shows exactly what ``evaluate`` scores.
 """
 
 from __future__ import annotations
@@ -9,8 +14,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from iedp.config import Config
+from iedp.data.transforms import normalize, rescale_size, resize_image
+from iedp.errors import InputError
+from iedp.models.iedp import IEDPModel
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
@@ -104,3 +115,175 @@ def estimate_depth(
         return sliding_window(predict, x, window, stride, multiple, batch_size)
 
     return with_flip(slide, image) if flip else slide(image)
+
+
+# -- one path from a checkpoint and an image to a prediction ---------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``--dtype`` choices besides ``auto``: the autocast precision of inference (weights stay as loaded)."""
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` or ``"auto"``: the GPU when there is one, else the CPU; otherwise the named device, checked."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(
+            f"--device: {device!r} is not a device (expected auto, cpu, cuda or cuda:N)"
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device: {device!r} asked for, but PyTorch sees no CUDA device (use cpu or auto)")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` or ``"auto"``: bf16 where the hardware runs it natively (a CUDA GPU with bf16), else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """Autocast to ``dtype`` on ``device`` (off for fp32): the precision every inference path runs in."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def model_predictor(model: IEDPModel, sample: dict, device: torch.device) -> Predict:
+    """A ``predict`` callable for the inference protocols, carrying along what the method reads besides the image:
+    the scene (VPD depth) and the label prompt (the ``explicit`` oracle)."""
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        B = images.shape[0]
+        batch = {"image": images.to(device)}
+        if "scene_id" in sample:
+            batch["scene_id"] = torch.full((B,), int(sample["scene_id"]), dtype=torch.long)
+        if "prompt" in sample:
+            batch["prompt"] = [sample["prompt"]] * B
+        return model(batch, mode="predict").float()
+
+    return predict
+
+
+@torch.no_grad()
+def predict_scores(
+    model: IEDPModel,
+    sample: dict,
+    config: Config,
+    device: torch.device,
+    out_size: tuple[int, int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Seg: class scores (K, H, W) at ``out_size`` (default: the label's size; logits for one view, averaged
+    probabilities for several, see :func:`segment`); depth: metres (1, H, W) at the image's size."""
+    ec = config.eval
+    multiple = model.backbone.input_multiple
+    image = sample["image"][None].to(device)
+    predict = model_predictor(model, sample, device)
+    with autocast(device, dtype):
+        if model.task == "seg":
+            scores = segment(
+                predict,
+                image,
+                out_size or tuple(sample["label"].shape[-2:]),
+                ec.window,
+                ec.stride,
+                multiple,
+                scales=ec.scales if ec.multi_scale else (1.0,),
+                flip=ec.multi_scale,
+                batch_size=ec.batch_size,
+            )
+        else:
+            scores = estimate_depth(
+                predict, image, ec.depth_window, ec.depth_stride, multiple, ec.flip, ec.batch_size
+            )
+    return scores[0].float()
+
+
+def predict_sample(
+    model: IEDPModel,
+    sample: dict,
+    config: Config,
+    device: torch.device,
+    out_size: tuple[int, int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Seg: label map (H, W) at ``out_size`` (default: the label's size); depth: metres (H, W) at the image's."""
+    scores = predict_scores(model, sample, config, device, out_size, dtype)
+    return scores.argmax(dim=0) if model.task == "seg" else scores[0]
+
+
+def scores_are_probabilities(config: Config) -> bool:
+    """Whether :func:`predict_scores` gives probabilities (several views averaged) rather than logits."""
+    return config.eval.multi_scale
+
+
+def model_input(image: np.ndarray, model: IEDPModel, config: Config) -> torch.Tensor:
+    """The (3, h, w) tensor the model sees for an H×W×3 uint8 image of any size, as the evaluation set is built:
+    segmentation rescales it (short side ``eval.short_side``, long side at most 4× that), depth keeps it."""
+    if model.task == "seg":
+        short = config.eval.short_side
+        height, width = image.shape[:2]
+        image = resize_image(image, rescale_size(height, width, (4 * short, short)))
+    return normalize(image)
+
+
+def predict_image(
+    model: IEDPModel,
+    image: np.ndarray,
+    config: Config,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Scores of an H×W×3 uint8 image at its own size: seg (K, H, W), depth (1, H, W) metres."""
+    sample = {"image": model_input(image, model, config)}
+    return predict_scores(model, sample, config, device, out_size=image.shape[:2], dtype=dtype)
+
+
+@torch.no_grad()
+def class_attention(
+    model: IEDPModel,
+    image: np.ndarray,
+    config: Config,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(C, H, W) class cross-attention maps of a segmentation model for an H×W×3 image: the maps the backbone
+    concatenates onto its finest captured level (heads and layers averaged), over the same windows as the
+    prediction, bilinearly resized to the image."""
+    backbone = model.backbone
+    if model.task != "seg" or not backbone.map_strides:
+        raise ValueError("class attention maps need a segmentation model with model.attention_maps=true")
+    stride, classes = min(backbone.map_strides), model.num_classes
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_maps(_module, _args, output):
+        captured["maps"] = output.features[stride][:, -classes:]
+
+    predict = model_predictor(model, {}, device)
+
+    def maps(images: torch.Tensor) -> torch.Tensor:
+        predict(images)
+        return F.interpolate(captured.pop("maps").float(), size=images.shape[-2:], mode="bilinear")
+
+    tensor = model_input(image, model, config)[None].to(device)
+    hook = backbone.register_forward_hook(keep_maps)
+    try:
+        with autocast(device, dtype):
+            result = sliding_window(
+                maps,
+                tensor,
+                config.eval.window,
+                config.eval.stride,
+                backbone.input_multiple,
+                config.eval.batch_size,
+            )
+    finally:
+        hook.remove()
+    return F.interpolate(result, size=image.shape[:2], mode="bilinear", align_corners=False)[0]

@@ -1,7 +1,8 @@
 """``iedp predict``: run a trained checkpoint on the user's own images, of any size, and write pictures.
 
-Inference uses the evaluation protocol of the checkpoint's config (:func:`~iedp.engine.evaluate.predict_sample`),
-so a picture shows what ``iedp evaluate`` scores. Only the method's inference context runs: for ``iedp`` the
+Inference is the one path of :mod:`iedp.engine.inference` (:func:`~iedp.engine.inference.predict_image`: the
+evaluation protocol of the checkpoint's config, the same device and precision handling), so a picture shows
+exactly what ``iedp evaluate`` scores. Only the method's inference context runs: for ``iedp`` the
 implicit branch, which needs no labels or prompts.
 
 Files written per input image ``<stem>`` (``<stem>_1``, ``<stem>_2``... when several inputs share a stem):
@@ -28,8 +29,7 @@ from PIL import Image
 from iedp.checkpoint import load_model
 from iedp.config import Config, apply_overrides
 from iedp.data.images import read_rgb, write_depth_png
-from iedp.data.transforms import normalize, rescale_size, resize_image
-from iedp.engine.evaluate import predict_sample
+from iedp.engine.inference import predict_image, resolve_device, resolve_dtype
 from iedp.errors import InputError
 from iedp.models.iedp import IEDPModel
 from iedp.visualize import (
@@ -86,25 +86,30 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
     return stems
 
 
-def segment_image(model: IEDPModel, image: np.ndarray, config: Config, device: torch.device) -> np.ndarray:
+def segment_image(
+    model: IEDPModel,
+    image: np.ndarray,
+    config: Config,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> np.ndarray:
     """H×W class indices of an H×W×3 uint8 image of any size.
 
-    The image is rescaled as the evaluation set is (short side ``eval.short_side``, long side at most 4× that)
-    and the scores are resized back to the input's size before the argmax.
+    The image is rescaled as the evaluation set is (:func:`~iedp.engine.inference.model_input`) and the scores
+    are resized back to the input's size before the argmax.
     """
-    height, width = image.shape[:2]
-    short = config.eval.short_side
-    resized = resize_image(image, rescale_size(height, width, (4 * short, short)))
-    labels = predict_sample(model, {"image": normalize(resized)}, config, device, out_size=(height, width))
-    return labels.cpu().numpy()
+    return predict_image(model, image, config, device, dtype).argmax(dim=0).cpu().numpy()
 
 
 def estimate_image_depth(
-    model: IEDPModel, image: np.ndarray, config: Config, device: torch.device
+    model: IEDPModel,
+    image: np.ndarray,
+    config: Config,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> np.ndarray:
     """H×W metres of an H×W×3 uint8 image of any size, at its own resolution (windows larger than it are padded)."""
-    depth = predict_sample(model, {"image": normalize(image)}, config, device)
-    return depth.cpu().numpy()
+    return predict_image(model, image, config, device, dtype)[0].cpu().numpy()
 
 
 def write_segmentation(
@@ -149,11 +154,15 @@ def predict_paths(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     overrides: Sequence[str] = (),
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> list[Path]:
-    """``iedp predict CHECKPOINT IMAGE_OR_DIR... --out DIR [--set key=value]``; returns the files written.
+    """``iedp predict CHECKPOINT IMAGE_OR_DIR... --out DIR [--set key=value] [--device D] [--dtype T]``; returns
+    the files written.
 
-    The model is loaded once and runs on the GPU when one is available. Inputs are all checked first, so a
-    missing path fails before the model loads; an unreadable image stops the run with its name.
+    The model is loaded once and runs on ``device`` (default: the GPU when there is one) in ``dtype`` (default:
+    bf16 where the GPU has it, else fp32), resolved as ``iedp evaluate`` resolves them. Inputs are all checked
+    first, so a missing path fails before the model loads; an unreadable image stops the run with its name.
     """
     paths = expand_inputs(inputs)
     model, config = load_model(checkpoint)
@@ -163,17 +172,19 @@ def predict_paths(
             "predict runs vpd, implicit and iedp checkpoints"
         )
     config = apply_overrides(config, overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
+    precision = resolve_dtype(dtype, device)
     model.to(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     logger.info(
-        "predicting %d image(s) with %s (%s, %s) on %s",
+        "predicting %d image(s) with %s (%s, %s) on %s in %s",
         len(paths),
         checkpoint,
         model.task,
         model.method,
         device,
+        str(precision).removeprefix("torch."),
     )
 
     written: list[Path] = []
@@ -181,11 +192,11 @@ def predict_paths(
         start = time.perf_counter()
         image = read_rgb(path)
         if model.task == "seg":
-            labels = segment_image(model, image, config, device)
+            labels = segment_image(model, image, config, device, precision)
             written += write_segmentation(image, labels, model.class_names, out_dir, stem)
             summary = describe_classes(labels, model.class_names)
         else:
-            depth = estimate_image_depth(model, image, config, device)
+            depth = estimate_image_depth(model, image, config, device, precision)
             written += write_depth(depth, out_dir, stem)
             summary = f"depth {depth.min():.2f}..{depth.max():.2f} m"
         height, width = image.shape[:2]
