@@ -8,6 +8,7 @@ from iedp.errors import InputError
 from iedp.resources import read_names
 
 BUILTIN = ("ade20k", "nyu_scenes", "synthetic", "synthetic_scenes")
+BUILTIN += ("cityscapes", "kitti_categories", "generic_scene")
 
 
 def load_class_names(spec: str) -> list[str]:
@@ -16,6 +17,12 @@ def load_class_names(spec: str) -> list[str]:
         return read_names("ade20k_classes.txt")
     if spec == "nyu_scenes":
         return read_names("nyu_scenes.txt")
+    if spec == "cityscapes":  # the 19 evaluated classes, in trainId order
+        return read_names("cityscapes_classes.txt")
+    if spec == "kitti_categories":  # KITTI raw's drive categories
+        return read_names("kitti_categories.txt")
+    if spec == "generic_scene":  # depth data without scene names: one scene token
+        return ["scene"]
     if spec in ("synthetic", "synthetic_scenes"):
         from iedp.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_SCENES
 

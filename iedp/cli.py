@@ -69,6 +69,15 @@ def _convert_vpd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from iedp.config import load_config
+    from iedp.data.check import check_data
+
+    report, problems = check_data(load_config(args.config, args.set), limit=args.limit)
+    print(report)
+    return 1 if problems else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from iedp.demo import run_demo
 
@@ -167,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sd", help="override the SD part: a diffusers folder or a v1.5 .safetensors/.ckpt file")
     p.add_argument("--clip", help="override the CLIP part: a transformers CLIP folder")
     p.set_defaults(func=_convert_vpd)
+
+    p = commands.add_parser("data", help="inspect the data a config would read")
+    data_commands = p.add_subparsers(dest="data_command", required=True)
+    p = data_commands.add_parser(
+        "check",
+        help="counts per split, classes, depth range, sizes and every problem, without training (exit 1 on problems)",
+    )
+    p.add_argument("config", help="YAML recipe, e.g. custom_seg_iedp")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="read at most N samples per split")
+    p.set_defaults(func=_data_check)
 
     p = commands.add_parser("demo", help="the CPU demo: tiny preset + synthetic scenes, iedp vs vpd, report")
     p.add_argument("--out", default="demo_out")

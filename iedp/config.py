@@ -20,7 +20,7 @@ from iedp.errors import InputError
 
 TASKS = ("seg", "depth")
 METHODS = ("vpd", "implicit", "explicit", "iedp")
-DATASETS = ("synthetic", "ade20k", "nyu")
+DATASETS = ("synthetic", "ade20k", "nyu", "custom_seg", "custom_depth", "kitti", "cityscapes")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class ModelConfig:
     weights: str = "tiny"  # folder with SD v1.5 (unet/, vae/) and clip/; or "tiny" / "tiny-pretrained" (tiny presets)
     sd: str | None = None  # overrides the SD part: diffusers folder, .safetensors/.ckpt file or hub id
     clip: str | None = None  # overrides the CLIP part: transformers folder or hub id
-    classes: str = "ade20k"  # class (seg) or scene (depth) names: ade20k | nyu_scenes | synthetic | synthetic_scenes | a .txt path
+    classes: str = "ade20k"  # class (seg) or scene (depth) names: ade20k | nyu_scenes | synthetic | synthetic_scenes | cityscapes | kitti_categories | generic_scene | dataset (the data folder's list) | a .txt path
     class_template: str = "a photo of a {}."  # prompt of one class token; clip80: VPD's 80 templates averaged (NYUv2 scenes)
     class_max_length: int | None = None  # tokens per class prompt (VPD's scene tokens: 20); None: the tokenizer's 77
     class_embedding: str = "pooled"  # pooled (VPD: CLIP's un-projected pooled text output) | projected (text_embeds)
@@ -79,6 +79,14 @@ class DataConfig:
     skip_bad: bool = (
         False  # skip unreadable training files (counted and named at the end) instead of stopping
     )
+    # KITTI: the annotated-depth root (<drive>/proj_depth/groundtruth/image_02/*.png)
+    depth_root: str | None = None
+    depth_scale: float = 1000.0  # custom_depth: uint16 PNG value of one metre (1000: mm; 256: KITTI style)
+    # per-image scene for the prompts: custom_depth "folder" or a CSV "image,scene"; kitti a CSV "drive,category"
+    scenes: str | None = None
+    reduce_zero_label: bool = False  # custom_seg: label 0 is "unlabelled", 1..N the classes (as ADE20K)
+    ignore_index: int = 255  # custom_seg: stored label value of unlabelled pixels
+    crop_width: int | None = None  # training crop width if not square (KITTI: 704); None: crop_size
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,7 @@ class EvalConfig:
     flip: bool = True  # depth: average with the flipped prediction
     depth_window: int = 480  # depth: square windows (NYUv2: x = 0 and x = 160 on 640-wide frames)
     depth_stride: int = 160
-    depth_crop: str = "eigen"  # eigen | none
+    depth_crop: str = "eigen"  # eigen (NYUv2's 480x640 crop) | garg (Garg's fractions: KITTI) | none
     batch_size: int = 4  # windows per forward pass
 
 
@@ -137,7 +145,7 @@ class Config:
         _check_choice("model.head_norm", self.model.head_norm, ("bn", "gn"))
         _check_choice("train.schedule", self.train.schedule, ("poly", "rise_fall"))
         _check_choice("train.mixed_precision", self.train.mixed_precision, ("no", "bf16", "fp16"))
-        _check_choice("eval.depth_crop", self.eval.depth_crop, ("eigen", "none"))
+        _check_choice("eval.depth_crop", self.eval.depth_crop, ("eigen", "garg", "none"))
         for key in ("implicit_queries", "implicit_layers", "implicit_heads"):
             if getattr(self.model, key) < 1:
                 raise InputError(f"model.{key}: {getattr(self.model, key)} must be at least 1")
@@ -229,7 +237,29 @@ def set_dotted(tree: dict[str, Any], assignment: str) -> None:
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
-    return _build(Config, tree, "")
+    return _dataset_classes(_build(Config, tree, ""))
+
+
+DATASET_CLASSES = "dataset"
+"""``model.classes`` value meaning "the names that come with the data": ``<data.root>/classes.txt`` for custom_seg,
+``<data.root>/scenes.txt`` for custom_depth (one generic scene when the folder has none)."""
+
+
+def _dataset_classes(config: Config) -> Config:
+    """``model.classes=dataset`` resolved once, to the path of the folder's name list."""
+    if config.model.classes != DATASET_CLASSES:
+        return config
+    root = Path(config.data.root or ".").expanduser()
+    if config.data.dataset == "custom_seg":
+        classes = str(root / "classes.txt")
+    elif config.data.dataset == "custom_depth":
+        classes = str(root / "scenes.txt") if (root / "scenes.txt").is_file() else "generic_scene"
+    else:
+        raise InputError(
+            f"model.classes: {DATASET_CLASSES!r} is for data.dataset=custom_seg or custom_depth, "
+            f"not {config.data.dataset}; name a list (e.g. cityscapes, kitti_categories) or a .txt file"
+        )
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, classes=classes))
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

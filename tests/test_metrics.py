@@ -131,7 +131,7 @@ def test_eigen_crop_needs_480x640():
     with pytest.raises(ValueError, match="480x640"):
         depth_errors(torch.ones(10, 10), torch.ones(10, 10), crop="eigen")
     with pytest.raises(ValueError, match="crop must be one of"):
-        depth_errors(torch.ones(10, 10), torch.ones(10, 10), crop="garg")
+        depth_errors(torch.ones(10, 10), torch.ones(10, 10), crop="center")
 
 
 def test_no_valid_pixels_is_an_error():

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from iedp.classes import load_class_names
 from iedp.config import Config
 from iedp.data.ade20k import ADE20K
+from iedp.data.build import FOLDER_DATASETS, build_folder_dataset
 from iedp.data.nyu import LIST_FOLDERS, NYUDepthV2
 from iedp.data.synthetic import SyntheticScenes
 from iedp.data.transforms import CUTDEPTH_PROB, DepthTrainTransform, SegTrainTransform
@@ -25,15 +26,18 @@ def _require_root(config: Config) -> Path:
     return root
 
 
-def build_dataset(config: Config, split: str) -> Dataset:
-    """``split`` is "train" or "val" (the validation / official test split)."""
+def build_dataset(config: Config, split: str, augment: bool | None = None) -> Dataset:
+    """``split`` is "train" or "val" (the validation / official test split); ``augment`` None: the config's
+    choice for the training split (``iedp data check`` reads training samples un-augmented with False)."""
     data, model = config.data, config.model
     train = split == "train"
-    augment = train and data.augment
+    augment = train and data.augment if augment is None else augment
     if not data.augment and data.dataset != "synthetic":
         raise InputError(
             "data.augment=false is for synthetic scenes only (real training images need their crops)"
         )
+    if data.dataset in FOLDER_DATASETS:
+        return build_folder_dataset(config, split, augment)
     names = load_class_names(model.classes)
     if data.dataset == "synthetic":
         return SyntheticScenes(

@@ -8,14 +8,24 @@ all-reduce its :meth:`~DepthMetric.state` and :meth:`~DepthMetric.load_state` th
 import torch
 
 DEPTH_METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
-CROPS = ("eigen", "none")
+CROPS = ("eigen", "garg", "none")
 EIGEN_CROP_SIZE = (480, 640)
 EIGEN_CROP = (slice(45, 471), slice(41, 601))
 """Rows 45..470 and columns 41..600 (inclusive) of a 480×640 NYUv2 frame (Eigen et al.)."""
+GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)
+"""Garg et al.'s KITTI crop as fractions (top, bottom, left, right) of the map it is applied to, truncated to
+integers as BTS and GLPDepth do; on KITTI's 352×1216 benchmark crop: rows 143..348, columns 43..1171."""
+
+
+def garg_crop(height: int, width: int) -> tuple[slice, slice]:
+    """Rows and columns of :data:`GARG_CROP` on a height × width map."""
+    top, bottom, left, right = GARG_CROP
+    return slice(int(top * height), int(bottom * height)), slice(int(left * width), int(right * width))
 
 
 def valid_mask(gt: torch.Tensor, min_depth: float, max_depth: float, crop: str) -> torch.Tensor:
-    """Pixels that are scored: min_depth < gt < max_depth, inside the Eigen crop when asked."""
+    """Pixels that are scored: min_depth < gt < max_depth, inside the Eigen (NYUv2) or Garg (KITTI) crop when
+    asked."""
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
     valid = (gt > min_depth) & (gt < max_depth)
@@ -27,6 +37,10 @@ def valid_mask(gt: torch.Tensor, min_depth: float, max_depth: float, crop: str) 
             )
         inside = torch.zeros_like(valid)
         inside[EIGEN_CROP] = True
+        valid &= inside
+    elif crop == "garg":
+        inside = torch.zeros_like(valid)
+        inside[garg_crop(*gt.shape[-2:])] = True
         valid &= inside
     return valid
 
