@@ -281,6 +281,10 @@ def test_kitti_problems_and_config(tmp_path):
     assert (config.model.max_depth, config.eval.depth_crop, config.data.crop_width) == (80.0, "garg", 704)
     report, count = check_data(config, progress=False)
     assert count >= 3 and "[val] line" not in report and "depth not found" in report
+    report, _ = check_data(
+        load_config("kitti_vpd", [f"data.root={tmp_path}/no", f"data.depth_root={tmp_path}/nil"])
+    )
+    assert f"{tmp_path}/no: folder not found" in report and f"{tmp_path}/nil: folder not found" in report
 
 
 # ----------------------------------------------------------------------------- Cityscapes

@@ -21,11 +21,11 @@ FOLDER_DATASETS = {"custom_seg": "seg", "custom_depth": "depth", "kitti": "depth
 """Dataset name -> the task it serves."""
 
 
-def _folder(value: str | None, key: str, dataset: str) -> Path:
+def _folder(value: str | None, key: str, dataset: str, must_exist: bool = True) -> Path:
     if not value:
         raise InputError(f"{key}: required for data.dataset={dataset} (the dataset folder)")
     path = Path(value).expanduser()
-    if not path.is_dir():
+    if must_exist and not path.is_dir():
         raise InputError(f"{key}: {path} is not a folder")
     return path
 
@@ -61,7 +61,9 @@ def build_folder_dataset(config: Config, split: str, augment: bool) -> Dataset:
             f"data.crop_size / data.crop_width: {_crop(config)} must be multiples of 64 (the UNet's input multiple)"
         )
     names = load_class_names(model.classes)
-    root = _folder(data.root, "data.root", data.dataset)
+    root = _folder(
+        data.root, "data.root", data.dataset, must_exist=data.dataset != "kitti"
+    )  # KITTI lists both
     scenes = data.scenes if data.scenes in (None, "folder") else _locate(data.scenes, root)
     short = config.eval.short_side
     if data.dataset == "custom_seg":
@@ -103,7 +105,7 @@ def build_folder_dataset(config: Config, split: str, augment: bool) -> Dataset:
         raise InputError(f"data.{list_key}: required for data.dataset=kitti (a BTS split list)")
     return KittiDepth(
         root,
-        _folder(data.depth_root, "data.depth_root", "kitti"),
+        _folder(data.depth_root, "data.depth_root", "kitti", must_exist=False),
         _locate(list_file, root),
         augment=augment,
         transform=_depth_transform(config),
