@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -153,6 +155,7 @@ class Config:
             raise InputError(
                 f"data.pad_multiple: {self.data.pad_multiple} is not a multiple of 64 (the UNet needs 1/64 maps)"
             )
+        _check_ranges(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts and lists (YAML/JSON-safe)."""
@@ -167,9 +170,173 @@ def _plain(value: Any) -> Any:
     return value
 
 
+INPUT_MULTIPLE = 64
+"""Image sides the SD v1.5 layout (and the tiny preset) takes: the VAE's 8 times the UNet's three halvings."""
+
+# key -> (lowest, highest); None: unbounded. Every number of the config is here,
+# checked at load (finite, in range), so a typo such as train.max_steps=-5 or train.lr=.inf never trains.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "model.class_max_length": (1, None),
+    "model.latent_scale": (0, None),
+    "model.explicit_weight": (0, None),
+    "model.adapter_gamma_init": (None, None),
+    "model.neck_channels": (1, None),
+    "model.head_channels": (1, None),
+    "model.dropout": (0, 1),
+    "model.max_depth": (0, None),
+    "model.depth_fuse_channels": (1, None),
+    "model.depth_deconv_channels": (1, None),
+    "model.depth_head_channels": (1, None),
+    "data.crop_size": (1, None),
+    "data.pad_multiple": (1, None),
+    "data.resolution": (INPUT_MULTIPLE, None),
+    "data.num_train": (1, None),
+    "data.num_val": (1, None),
+    "data.max_val": (1, None),
+    "data.seed": (0, None),
+    "data.num_workers": (0, None),
+    "data.depth_scale": (0, None),
+    "data.ignore_index": (0, 65535),
+    "data.crop_width": (1, None),
+    "train.max_steps": (1, None),
+    "train.batch_size": (1, None),
+    "train.grad_accum": (1, None),
+    "train.lr": (0, None),
+    "train.min_lr": (0, None),
+    "train.weight_decay": (0, None),
+    "train.unet_lr_mult": (0, None),
+    "train.warmup_steps": (0, None),
+    "train.warmup_ratio": (0, 1),
+    "train.poly_power": (0, None),
+    "train.rise_fall_power": (0, None),
+    "train.grad_clip": (0, None),
+    "train.checkpoint_every": (1, None),
+    "train.checkpoints_total_limit": (1, None),
+    "train.eval_every": (0, None),
+    "train.log_every": (1, None),
+    "train.seed": (0, None),
+    "train.max_bad_steps": (1, None),
+    "eval.window": (1, None),
+    "eval.stride": (1, None),
+    "eval.short_side": (1, None),
+    "eval.scales": (0, None),
+    "eval.depth_window": (1, None),
+    "eval.depth_stride": (1, None),
+    "eval.batch_size": (1, None),
+}
+# Keys that must be above their lowest value, not equal to it (a learning rate, a scale or a size of 0).
+_STRICT = {"model.latent_scale", "model.max_depth", "train.lr", "train.grad_clip", "eval.scales"}
+_STRICT.add("data.depth_scale")
+_MEANING = {
+    "train.checkpoints_total_limit": " (checkpoints kept; null keeps all)",
+    "train.eval_every": " (0: no evaluation)",
+    "data.num_workers": " (0: load in the main process)",
+}
+
+
+def _check_ranges(config: Config) -> None:
+    """Every number finite and in its range, windows no smaller than their strides: one line naming the key."""
+    for dotted, (low, high) in _RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        for item in value if isinstance(value, tuple) else (value,):
+            if item is None:
+                continue
+            if isinstance(item, float) and not math.isfinite(item):
+                raise InputError(f"{dotted}: {item} is not a finite number")
+            too_low = low is not None and (item <= low if dotted in _STRICT else item < low)
+            if too_low or (high is not None and item > high):
+                if dotted in _STRICT:
+                    bound = f"above {low}"
+                elif high is None:
+                    bound = f"at least {low}"
+                else:
+                    bound = f"in {low}..{high}" if low is not None else f"at most {high}"
+                raise InputError(f"{dotted}: {item} must be {bound}{_MEANING.get(dotted, '')}")
+    if not config.train.out.strip():
+        raise InputError("train.out: empty; expected the run folder, e.g. runs/ade20k_iedp")
+    if not config.eval.scales:
+        raise InputError("eval.scales: empty; expected at least one scale, e.g. [1.0]")
+    for window, stride in (("window", "stride"), ("depth_window", "depth_stride")):
+        if getattr(config.eval, stride) > getattr(config.eval, window):
+            raise InputError(
+                f"eval.{stride}: {getattr(config.eval, stride)} is larger than eval.{window}="
+                f"{getattr(config.eval, window)}; windows would leave bands of the image unpredicted"
+            )
+    if config.data.dataset == "synthetic" and config.data.resolution % INPUT_MULTIPLE:
+        raise InputError(
+            f"data.resolution: {config.data.resolution} is not a multiple of {INPUT_MULTIPLE} (the UNet's input "
+            f"multiple), e.g. {max(INPUT_MULTIPLE, config.data.resolution // INPUT_MULTIPLE * INPUT_MULTIPLE)}"
+        )
+    if (
+        config.model.task == "seg"
+        and config.data.dataset == "ade20k"
+        and config.data.crop_size % INPUT_MULTIPLE
+    ):
+        raise InputError(
+            f"data.crop_size: {config.data.crop_size} is not a multiple of {INPUT_MULTIPLE} (the UNet's input "
+            "multiple), e.g. 512"
+        )
+
+
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise InputError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+MAX_ECHO = 80
+"""Longest config value quoted in a message; longer ones are cut (a message stays one readable line)."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 4, 4, 4
+_REPR.maxstring = _REPR.maxother = MAX_ECHO
+
+
+def short_repr(value: Any, limit: int = MAX_ECHO) -> str:
+    """A bounded ``repr(value)``: a few items of each list, at most ``limit`` characters. Never expands a whole
+    nested value (a YAML alias bomb would expand to gigabytes)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+class SetValue(str):
+    """The text of a ``--set key=value``, read by the type of the field it sets: ``train.mixed_precision=no`` is
+    the string "no" (YAML would read false), ``train.lr=1e10`` a float, ``eval.scales=[1.0,1.5]`` a list."""
+
+
+_NULLS = ("null", "none", "~", "")
+
+
+def _from_set(key: str, value: SetValue, annotation: Any) -> Any:
+    text = value.strip()
+    if annotation is str:
+        return str(text)
+    if annotation is type(None):
+        if text.lower() in _NULLS:
+            return None
+        raise InputError(f"{key}: {short_repr(text)} is not null")
+    if annotation is bool:
+        lowered = text.lower()
+        if lowered in ("true", "yes", "on", "1"):
+            return True
+        if lowered in ("false", "no", "off", "0"):
+            return False
+        raise InputError(f"{key}: {short_repr(text)} is not a boolean (true or false)")
+    if annotation is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise InputError(f"{key}: {short_repr(text)} is not an integer") from None
+    if annotation is float:
+        try:
+            return float(text)
+        except ValueError:
+            parsed = yaml.safe_load(text) if text.lower() in (".inf", "-.inf", "+.inf", ".nan") else None
+            if isinstance(parsed, float):
+                return parsed
+            raise InputError(f"{key}: {short_repr(text)} is not a number") from None
+    return _convert(key, safe_load(text, f"--set {key}"), annotation)
 
 
 def _convert(key: str, value: Any, annotation: Any) -> Any:
@@ -179,6 +346,16 @@ def _convert(key: str, value: Any, annotation: Any) -> Any:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
+        if isinstance(value, SetValue):
+            if type(None) in options and value.strip().lower() in _NULLS:
+                return None
+            for option in options:
+                if option is not type(None):
+                    try:
+                        return _from_set(key, value, option)
+                    except InputError:
+                        pass
+            raise InputError(f"{key}: {short_repr(str(value))} does not have type {annotation}")
         for option in options:
             if option is type(None):
                 continue
@@ -186,10 +363,12 @@ def _convert(key: str, value: Any, annotation: Any) -> Any:
                 return _convert(key, value, option)
             except InputError:
                 pass
-        raise InputError(f"{key}: {value!r} does not have type {annotation}")
+        raise InputError(f"{key}: {short_repr(value)} does not have type {annotation}")
+    if isinstance(value, SetValue):
+        return _from_set(key, value, annotation)
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise InputError(f"{key}: expected a list, got {value!r}")
+            raise InputError(f"{key}: expected a list, got {short_repr(value)}")
         (item_type, _) = typing.get_args(annotation)
         return tuple(_convert(key, v, item_type) for v in value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
@@ -200,7 +379,9 @@ def _convert(key: str, value: Any, annotation: Any) -> Any:
         except ValueError:
             pass
     if (annotation is int and isinstance(value, bool)) or not isinstance(value, annotation):
-        raise InputError(f"{key}: {value!r} is a {type(value).__name__}, expected {annotation.__name__}")
+        raise InputError(
+            f"{key}: {short_repr(value)} is a {type(value).__name__}, expected {annotation.__name__}"
+        )
     return value
 
 
@@ -216,7 +397,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
-                raise InputError(f"{prefix}{key}: expected a mapping, got {value!r}")
+                raise InputError(f"{prefix}{key}: expected a mapping, got {short_repr(value)}")
             kwargs[key] = _build(annotation, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _convert(f"{prefix}{key}", value, annotation)
@@ -225,7 +406,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 def set_dotted(tree: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
-        raise InputError(f"--set {assignment!r}: expected dotted.key=value")
+        raise InputError(f"--set {short_repr(assignment)}: expected dotted.key=value")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
     node = tree
@@ -233,7 +414,7 @@ def set_dotted(tree: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise InputError(f"--set {key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    node[parts[-1]] = SetValue(raw)
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
@@ -262,6 +443,54 @@ def _dataset_classes(config: Config) -> Config:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, classes=classes))
 
 
+MAX_YAML_CHARS = 1_000_000
+"""Largest recipe read (characters); a recipe is a few kilobytes."""
+MAX_YAML_ALIASES = 100
+"""Most alias uses (``*name``) in one YAML document: enough for any recipe, and no "billion laughs" expansion."""
+MAX_YAML_NODES = 100_000
+"""Most values in a YAML document once its aliases are expanded (a recipe has about a hundred)."""
+
+
+def _count_nodes(value: Any, limit: int) -> int:
+    """Values in ``value`` with aliases expanded, counting stops past ``limit`` (so a bomb costs little)."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return count
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """The safe loader (no Python tags) that also refuses alias bombs: at most MAX_YAML_ALIASES alias uses."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.alias_count = getattr(self, "alias_count", 0) + 1
+            if self.alias_count > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name); refusing to expand them")
+        return super().compose_node(parent, index)
+
+
+def safe_load(text: str, what: str) -> Any:
+    """``yaml.safe_load`` with size and alias limits; errors as one line naming ``what``."""
+    if len(text) > MAX_YAML_CHARS:
+        raise InputError(f"{what}: {len(text)} characters, above the limit of {MAX_YAML_CHARS} for YAML")
+    try:
+        tree = yaml.load(text, Loader=_LimitedLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        raise InputError(
+            f"{what}: not valid YAML ({short_repr(str(error).splitlines()[0], 200)[1:-1]})"
+        ) from None
+    if _count_nodes(tree, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise InputError(f"{what}: more than {MAX_YAML_NODES} values once its aliases are expanded; refused")
+    return tree
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML recipe (safe loader) and apply ``--set dotted.key=value`` overrides."""
     tree: dict[str, Any] = {}
@@ -274,9 +503,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise InputError(f"config {path}: no such file (nor a shipped recipe such as ade20k_iedp)")
         try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise InputError(f"config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"config {path}: not a text file (not UTF-8); expected a YAML recipe") from None
+        except OSError as error:
+            raise InputError(f"config {path}: cannot read ({error.strerror})") from None
+        tree = safe_load(text, f"config {path}") or {}
         if not isinstance(tree, dict):
             raise InputError(f"config {path}: expected a mapping of sections, got {type(tree).__name__}")
     for assignment in overrides:
