@@ -62,6 +62,21 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from iedp.app import serve
+
+    serve(
+        args.checkpoints,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        device=args.device,
+        dtype=args.dtype,
+        max_pixels=args.max_pixels,
+    )
+    return 0
+
+
 def _convert_vpd(args: argparse.Namespace) -> int:
     from iedp.convert_vpd import convert_vpd
 
@@ -148,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     add_device_arguments(p)
     p.set_defaults(func=_predict)
+
+    p = commands.add_parser(
+        "serve",
+        help='a web app over checkpoints: upload an image, see the prediction (pip install "iedp[app]")',
+    )
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint folders (or hub ids)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    p.add_argument("--max-pixels", type=int, default=16_000_000, help="largest upload, width × height")
+    add_device_arguments(p)
+    p.set_defaults(func=_serve)
 
     from iedp.score import add_parser as add_score_parser
 

@@ -163,3 +163,23 @@ def test_missing_folder_that_is_no_hub_id_is_one_line(tmp_path, monkeypatch):
         iedp.load(tmp_path / "nothing" / "here")
     with pytest.raises(InputError, match="no such folder"):
         iedp.load("someone/not-cached-model")
+
+
+def test_point_cloud_back_projection_and_ply_round_trip(tmp_path):
+    from iedp.pointcloud import default_focal, depth_to_points, read_ply, write_ply
+
+    depth = np.full((4, 6), 2.0, np.float32)
+    depth[0, 0] = 0.0  # no depth: dropped
+    image = gradient(4, 6, 0)
+    points, colours = depth_to_points(depth, image, focal=2.0)
+    assert points.shape == (23, 3) and colours.shape == (23, 3)
+    # pixel (row 3, column 5): centre (5.5, 3.5) against the principal point (3, 2), z = 2 m, f = 2 px
+    np.testing.assert_allclose(points[-1], [(5.5 - 3) * 2 / 2, -(3.5 - 2) * 2 / 2, -2.0])
+    np.testing.assert_array_equal(colours[-1], image[3, 5])
+    back, back_colours = read_ply(write_ply(tmp_path / "cloud.ply", points, colours))
+    np.testing.assert_array_equal(back, points)
+    np.testing.assert_array_equal(back_colours, colours)
+    assert len(depth_to_points(np.ones((100, 100)), np.zeros((100, 100, 3), np.uint8), 50.0, 1000)[0]) <= 1000
+    assert default_focal(640) == pytest.approx(518.8579)
+    with pytest.raises(ValueError, match="focal"):
+        depth_to_points(depth, image, focal=0.0)
