@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import SafetensorError
@@ -101,23 +102,70 @@ def upgrade_config(tree: dict) -> dict:
     return tree
 
 
+def check_finite(state: dict, path: str | Path) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run): such a model predicts one class everywhere and
+    evaluates as if it were valid."""
+    bad = [
+        name
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
+    if bad:
+        raise InputError(
+            f"checkpoint {path}: {len(bad)} weight tensors hold NaN or infinite values ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); the run that wrote it diverged"
+        )
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """The parts of ``config.json`` that :func:`load_model` reads, each of the right type: one line naming it."""
+    where = f"checkpoint {path / CONFIG_NAME}"
+    if not isinstance(meta.get("config"), dict):
+        raise InputError(f"{where}: 'config' is {type(meta.get('config')).__name__}, expected a mapping")
+    parts = meta.get("components")
+    if not isinstance(parts, dict) or not all(
+        isinstance(parts.get(k), dict) for k in ("unet", "vae", "image_encoder")
+    ):
+        raise InputError(f"{where}: 'components' must map unet, vae and image_encoder to their configs")
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise InputError(f"{where}: 'class_names' must be a non-empty list of names")
+
+
 def load_model(path: str | Path, with_text: bool = False) -> tuple[IEDPModel, Config]:
     """Rebuild the model from the checkpoint alone (the text tower from the config's weights if ``with_text``)."""
     path = Path(path)
     meta = read_checkpoint_meta(path)
+    _check_meta(meta, path)
     config = config_from_dict(upgrade_config(meta["config"]))
     parts = meta["components"]
     try:
         state = load_file(path / WEIGHTS_NAME)
     except (SafetensorError, OSError) as error:
         raise InputError(f"checkpoint {path / WEIGHTS_NAME}: unreadable safetensors file ({error})") from None
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(parts["unet"])
-        vae = AutoencoderKL.from_config(parts["vae"])
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(parts["image_encoder"]))
-    model = assemble_model(
-        config.model, unet, vae, image_encoder, None, state["class_tokens"], list(meta["class_names"])
-    )
+    check_finite(state, path / WEIGHTS_NAME)
+    if "class_tokens" not in state:
+        raise InputError(f"checkpoint {path / WEIGHTS_NAME}: no class_tokens tensor; not an iedp checkpoint")
+    if len(meta["class_names"]) != state["class_tokens"].shape[0]:
+        raise InputError(
+            f"checkpoint {path / CONFIG_NAME}: {len(meta['class_names'])} class names for "
+            f"{state['class_tokens'].shape[0]} class tokens in {WEIGHTS_NAME}"
+        )
+    try:
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(parts["unet"])
+            vae = AutoencoderKL.from_config(parts["vae"])
+            image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(parts["image_encoder"]))
+        model = assemble_model(
+            config.model, unet, vae, image_encoder, None, state["class_tokens"], list(meta["class_names"])
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        if isinstance(error, InputError):
+            raise
+        raise InputError(
+            f"checkpoint {path / CONFIG_NAME}: its component configs do not build a model "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as error:

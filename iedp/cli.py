@@ -10,15 +10,40 @@ import argparse
 import logging
 import sys
 
-from iedp.errors import InputError
+from iedp.errors import InputError, Interrupted
 
 logger = logging.getLogger("iedp")
 
+MAX_MESSAGE = 500
+"""Longest error line printed; the rest is cut (the whole message is in ``--debug``'s traceback)."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` as one line. An error raised in a DataLoader worker arrives wrapped in the worker's
+    traceback ("Caught InputError in DataLoader worker process 0. Original Traceback ..."): its last line, the
+    original message naming the file, is kept."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        name = type(error).__name__
+        text = last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
 
 def _make_tiny(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from iedp.outputs import check_output_dir
     from iedp.weights import make_tiny
 
-    print(make_tiny(args.dir, seed=args.seed))
+    target = Path(args.dir)
+    if target.is_dir() and any(target.iterdir()) and not args.force:
+        raise InputError(
+            f"{target}: folder is not empty; make-tiny would overwrite its weights (use --force, or a new folder)"
+        )
+    check_output_dir(target, "make-tiny")
+    print(make_tiny(target, seed=args.seed))
     return 0
 
 
@@ -32,8 +57,13 @@ def _pretrain_tiny(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from iedp.config import load_config
     from iedp.engine.train import train
+    from iedp.outputs import check_new_run, check_output_dir
 
     config = load_config(args.config, args.set)
+    if args.resume:
+        check_output_dir(config.train.out, "train.out")
+    else:
+        check_new_run(config.train.out)
     train(config, resume=args.resume)
     return 0
 
@@ -121,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("make-tiny", help="write the tiny SD + CLIP preset into DIR")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a folder that is not empty (overwrites)")
     p.set_defaults(func=_make_tiny)
 
     p = commands.add_parser(
@@ -232,16 +263,41 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose and args.command != "score":
+        _quiet_libraries()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return args.func(args)
-    except InputError as error:
-        if args.debug:
-            raise
-        print(f"iedp {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        with logging_redirect_tqdm():  # log lines above the progress bars, not glued onto them
+            return args.func(args)
+    except Interrupted as stop:
+        print(f"iedp {args.command}: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"iedp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (InputError, OSError) as error:  # OSError: a file-system problem after the checks (disk full...)
+        if args.debug:
+            raise
+        print(f"iedp {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except FloatingPointError as error:  # training diverged: not bad input, but one line says it all
+        if args.debug:
+            raise
+        print(f"iedp {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return 1
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter out of the log (``-v`` shows it): Accelerate's five lines per checkpoint and the
+    "Loading weights" bar transformers draws on every CLIP load."""
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    if hasattr(transformers_logging, "set_tqdm_hook"):  # only transformers' own bars; downloads keep theirs
+        transformers_logging.set_tqdm_hook(lambda factory, a, kw: factory(*a, **{**kw, "disable": True}))
 
 
 if __name__ == "__main__":

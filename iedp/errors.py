@@ -3,3 +3,12 @@
 
 class InputError(ValueError):
     """Bad user input: a file, folder, option or config value. The message names it and says what is wrong."""
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT / SIGTERM after saving a checkpoint; the command line exits 128 + signal
+    (130 for Ctrl-C, 143 for SIGTERM), so ``iedp train ... && iedp evaluate ...`` does not carry on."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum

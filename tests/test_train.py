@@ -122,7 +122,8 @@ def test_sigterm_leaves_checkpoint_at_last_completed_step(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, rest = proc.communicate(timeout=120)
     log = "".join(lines) + rest
-    assert proc.returncode == 0, log
+    assert proc.returncode == 143, log  # 128 + SIGTERM: `iedp train ... && iedp evaluate ...` stops here
+    assert "stopped by SIGTERM at step" in log and "--resume" in log
     saved = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("checkpoint-")]
     assert len(saved) == 1, log
     step = json.loads((saved[0] / "state.json").read_text())["step"]
@@ -177,16 +178,32 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("task", ["seg", "depth"])
-def test_non_finite_losses_stop_with_a_checkpoint(tmp_path, task):
+def test_non_finite_losses_stop_with_a_checkpoint(tmp_path, task, monkeypatch):
+    from iedp.models.iedp import IEDPModel
+
+    loss = IEDPModel.loss
+    monkeypatch.setattr(
+        IEDPModel, "loss", lambda self, batch: {k: v * torch.nan for k, v in loss(self, batch).items()}
+    )
     cfg = config(
-        tmp_path,
-        "train.max_steps=10",
-        "train.max_bad_steps=2",
-        "train.lr=1e30",
-        "train.warmup_steps=0",
-        "train.checkpoint_every=100",
-        task=task,
+        tmp_path, "train.max_steps=10", "train.max_bad_steps=2", "train.checkpoint_every=100", task=task
     )
     with pytest.raises(FloatingPointError, match="non-finite losses in a row"):
         train(cfg)
     assert any(p.name.startswith("checkpoint-") for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_training_stops_at_the_first_update_that_makes_weights_non_finite(tmp_path, monkeypatch):
+    step = torch.optim.AdamW.step
+
+    def overflowing_step(self, *args, **kwargs):  # as a huge lr does: the update leaves a NaN weight
+        result = step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = torch.nan
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    cfg = config(tmp_path, "train.max_steps=10", "train.checkpoint_every=1")
+    with pytest.raises(FloatingPointError, match="step 1: the weight update made weights NaN or infinite"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())

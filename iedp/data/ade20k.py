@@ -63,7 +63,8 @@ class ADE20K(Dataset):
 
     With ``skip_bad`` a corrupt file does not stop training: the next index is returned instead
     and the sample is recorded in :attr:`skipped` (image path → reason naming the bad file). Each DataLoader worker keeps its
-    own copy of :attr:`skipped`; the warnings in the log cover all workers.
+    own copy of :attr:`skipped`, so each returned sample also carries ``skipped``: the ``(path, reason)`` pairs
+    skipped to reach it, which the training loop gathers from every worker for its summary at the end.
     """
 
     def __init__(
@@ -104,15 +105,21 @@ class ADE20K(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        skipped_here: list[tuple[str, str]] = []
         for offset in range(len(self.pairs)):
             current = (index + offset) % len(self.pairs)
             try:
-                return self._load(current)
+                sample = self._load(current)
             except InputError as err:
                 if not self.skip_bad:
                     raise
                 self.skipped[str(self.pairs[current][0])] = str(err)
+                skipped_here.append((str(self.pairs[current][0]), str(err)))
                 logger.warning("skipping a bad ADE20K sample (%d skipped so far): %s", len(self.skipped), err)
+                continue
+            if self.skip_bad:
+                sample["skipped"] = skipped_here
+            return sample
         raise InputError(f"{self.pairs[0][0].parent}: every sample failed to load")
 
     def _load(self, index: int) -> dict[str, torch.Tensor | str]:

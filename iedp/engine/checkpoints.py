@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from iedp.checkpoint import WEIGHTS_NAME, save_model
+from iedp.checkpoint import WEIGHTS_NAME, check_finite, save_model
 from iedp.config import Config
 from iedp.errors import InputError
 from iedp.models.iedp import IEDPModel
@@ -57,8 +57,10 @@ class CheckpointManager:
             return
         while models:
             model = self.accelerator.unwrap_model(models.pop())
+            state = load_file(path)
+            check_finite(state, path)
             try:
-                missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+                missing, unexpected = model.load_state_dict(state, strict=False)
             except RuntimeError as error:  # shapes differ: another task, class count or architecture
                 first = str(error).strip().splitlines()[-1].strip()
                 raise InputError(f"checkpoint {path}: does not match this model ({first})") from None
@@ -145,6 +147,7 @@ class CheckpointManager:
             path = Path(spec)
             if not (path / STATE_NAME).is_file():
                 raise InputError(f"--resume {spec}: not a complete training checkpoint (no {STATE_NAME})")
+        self._check_rng_state(path)
         try:
             self.accelerator.load_state(str(path))
         except (
@@ -156,6 +159,26 @@ class CheckpointManager:
         step = json.loads((path / STATE_NAME).read_text())["step"]
         logger.info("resumed from %s at step %d", path, step)
         return step
+
+    def _check_rng_state(self, path: Path) -> None:
+        """Accelerate skips an unreadable RNG-state file with an info line, and the resume is silently no longer
+        exact: read it first (tensors and plain data only) and refuse it with one line."""
+        from accelerate.utils import load as accelerate_load
+
+        rng = path / f"random_states_{self.accelerator.process_index}.pkl"
+        if not rng.is_file():
+            raise InputError(f"--resume {rng}: missing; without the RNG state the resume would not be exact")
+        try:
+            states = accelerate_load(rng)
+        except Exception as error:  # noqa: BLE001 - any failure: a corrupt or hostile file
+            raise InputError(
+                f"--resume {rng}: not a valid RNG-state file ({type(error).__name__}); refusing to resume inexactly"
+            ) from None
+        expected = ("random_state", "numpy_random_seed", "torch_manual_seed")
+        if not isinstance(states, dict) or not all(key in states for key in expected):
+            raise InputError(f"--resume {rng}: not an RNG-state file (expected {', '.join(expected)})")
+        if not isinstance(states["torch_manual_seed"], torch.Tensor):
+            raise InputError(f"--resume {rng}: torch_manual_seed is not a tensor")
 
     def save_final(self, model: IEDPModel) -> Path:
         """The trained model as ``{train.out}/final``, the folder ``evaluate`` and ``predict`` take."""

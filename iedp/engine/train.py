@@ -24,7 +24,7 @@ from iedp.engine.checkpoints import CheckpointManager
 from iedp.engine.data import build_dataset, make_loader
 from iedp.engine.evaluate import evaluate_model
 from iedp.engine.optim import build_optimizer
-from iedp.errors import InputError
+from iedp.errors import InputError, Interrupted
 from iedp.models.build import build_model
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class StopRequested:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.immediate = False  # set during validation: a signal interrupts it at once (KeyboardInterrupt)
         self._previous = {}
 
     def __enter__(self) -> StopRequested:
@@ -44,6 +45,8 @@ class StopRequested:
 
     def _handle(self, signum, _frame) -> None:
         self.signal = signum
+        if self.immediate:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -126,6 +129,8 @@ def train(config: Config, resume: str | None = None) -> Path:
         total=tc.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process
     )
     bad_steps = 0
+    skipped: dict[str, str] = {}  # data.skip_bad: files skipped, gathered from every loader worker
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     with StopRequested() as stop:
         while step < tc.max_steps and stop.signal is None:
@@ -139,6 +144,7 @@ def train(config: Config, resume: str | None = None) -> Path:
             )
             tic = time.perf_counter()
             for batch in batches:
+                skipped.update(pair for pairs in batch.pop("skipped", ()) for pair in pairs)
                 with accelerator.accumulate(model):
                     losses = model(batch)
                     # every rank skips together when any rank's loss is not finite
@@ -154,6 +160,8 @@ def train(config: Config, resume: str | None = None) -> Path:
                     continue
                 scheduler.step()
                 step += 1
+                if finite:
+                    _check_finite_weights(trainable, step, accelerator, tc.lr, checkpoints)
                 bad_steps = 0 if finite else bad_steps + 1
                 progress.update(1)
                 if bad_steps:
@@ -174,7 +182,17 @@ def train(config: Config, resume: str | None = None) -> Path:
                 if step % tc.checkpoint_every == 0 or step == tc.max_steps:
                     checkpoints.save(step)
                 if val_set is not None and (step % tc.eval_every == 0 or step == tc.max_steps):
-                    metrics = evaluate_model(accelerator.unwrap_model(model), val_set, config, accelerator)
+                    stop.immediate = True  # Ctrl-C stops validation within a sample, not at its end
+                    try:
+                        metrics = evaluate_model(
+                            accelerator.unwrap_model(model), val_set, config, accelerator
+                        )
+                    except KeyboardInterrupt:
+                        logger.warning("signal during validation at step %d: validation abandoned", step)
+                        model.train()
+                        break
+                    finally:
+                        stop.immediate = False
                     accelerator.log(
                         {f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=step
                     )
@@ -201,10 +219,38 @@ def train(config: Config, resume: str | None = None) -> Path:
     accelerator.wait_for_everyone()
     final = checkpoints.save_final(accelerator.unwrap_model(model)) if step >= tc.max_steps else None
     accelerator.end_training()
-    skipped = list(getattr(train_set, "skipped", {}))
+    skipped.update(getattr(train_set, "skipped", {}))  # samples read in this process (num_workers=0)
     if skipped:
-        logger.warning("skipped %d unreadable training files: %s", len(skipped), ", ".join(skipped[:20]))
+        names = sorted(skipped)
+        logger.warning(
+            "skipped %d unreadable training files: %s%s",
+            len(names),
+            ", ".join(names[:20]),
+            f", ... ({len(names) - 20} more)" if len(names) > 20 else "",
+        )
+    if stop.signal is not None:
+        name = signal.Signals(stop.signal).name
+        raise Interrupted(
+            stop.signal,
+            f"stopped by {name} at step {step}; checkpoint {checkpoints.latest()} saved "
+            f"(continue with: iedp train ... --resume)",
+        )
     return final or checkpoints.latest()
+
+
+def _check_finite_weights(
+    params: list[torch.Tensor], step: int, accelerator: Accelerator, lr: float, checkpoints: CheckpointManager
+) -> None:
+    """Stop at the first update that leaves a non-finite weight: every later loss would be NaN, and a checkpoint
+    of such weights predicts one class everywhere. Nothing is saved; the previous checkpoint stays the newest."""
+    norms = torch._foreach_norm([p.detach() for p in params], float("inf"))  # max |w|: no overflow, NaN stays
+    bad = accelerator.reduce((~torch.isfinite(torch.stack(norms))).any().float(), "max")
+    if bad.item():
+        raise FloatingPointError(
+            f"step {step}: the weight update made weights NaN or infinite (train.lr={lr:g}); stopped without "
+            f"saving them (newest checkpoint: {checkpoints.latest() or 'none'}). Lower train.lr or set "
+            "train.grad_clip"
+        )
 
 
 def _stop_everywhere(stop: StopRequested, accelerator: Accelerator) -> bool:
