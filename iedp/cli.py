@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 import sys
 
 from iedp.errors import InputError, Interrupted
@@ -276,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"iedp {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (InputError, OSError) as error:  # OSError: a file-system problem after the checks (disk full...)
+    # OSError: a file-system problem after the checks (disk full...), or a weights file diffusers cannot load;
+    # UnpicklingError: a pickled weights file that holds more than tensors (refused by weights_only loading)
+    except (InputError, OSError, pickle.UnpicklingError) as error:
         if args.debug:
             raise
         print(f"iedp {args.command}: error: {one_line(error)}", file=sys.stderr)

@@ -19,10 +19,12 @@ from iedp.data.images import check_same_size, read_depth_png, read_label
 from iedp.errors import InputError
 from iedp.metrics.depth import CROPS, DEPTH_METRICS, DepthMetric
 from iedp.metrics.segmentation import SegmentationMetric
+from iedp.outputs import check_output_file
 from iedp.resources import read_names
 
 _ADE20K_CLASSES = 150
 _PREVIEW = 5
+_SHOWN = 5
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -51,18 +53,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--crop", choices=CROPS, default="eigen", help="depth: evaluation crop (eigen needs 480x640 maps)"
     )
+    parser.add_argument(
+        "--all", action="store_true", help=f"seg: print every class (default: the {_SHOWN} best and worst)"
+    )
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Score, print a table and the summary, optionally write JSON; 0 on success."""
+    if args.task == "seg" and not 1 <= args.num_classes <= 255:
+        raise InputError(f"--num-classes: {args.num_classes} must be in 1..255 (8-bit label maps)")
+    if args.json is not None:
+        check_output_file(args.json, "--json")  # before scoring: a folder, read-only or /proc fails at once
     if args.task == "seg":
         pairs = _match(
             _list(args.pred, (".png",), "prediction"), _list(args.gt, (".png",), "ground-truth"), args
         )
         metrics = _score_seg(pairs, args.num_classes, args.reduce_zero_label)
-        _print_seg(metrics, len(pairs))
+        _print_seg(metrics, len(pairs), show_all=getattr(args, "all", False))
     else:
         pairs = _match(
             _list(args.pred, (".png", ".npy"), "prediction"), _list(args.gt, (".png",), "ground-truth"), args
@@ -139,6 +148,11 @@ def _read_depth_prediction(path: Path) -> np.ndarray:
     bad = int((~np.isfinite(depth)).sum())
     if bad:
         raise InputError(f"{path}: {bad} NaN or infinite depth values (a prediction must be finite metres)")
+    negative = int((depth < 0).sum())
+    if negative:
+        raise InputError(
+            f"{path}: {negative} negative depth values (min {depth.min():g}); depth is metres >= 0"
+        )
     return depth.astype(np.float32)
 
 
@@ -159,11 +173,23 @@ def _fmt(value: float) -> str:
     return "    -" if math.isnan(value) else f"{value:6.2f}"
 
 
-def _print_seg(metrics: dict, num_images: int) -> None:
+def _print_seg(metrics: dict, num_images: int, show_all: bool = False) -> None:
+    """The per-class table: every class with ``show_all``, else the best and worst _SHOWN by IoU."""
     width = max(len(name) for name in metrics["IoU"])
+    rows = list(metrics["IoU"].items())
+    if not show_all and len(rows) > 2 * _SHOWN:
+        scored = sorted((r for r in rows if not math.isnan(r[1])), key=lambda r: -r[1])
+        unscored = len(rows) - len(scored)
+        if len(scored) > 2 * _SHOWN:
+            hidden = len(scored) - 2 * _SHOWN
+            rows = [*scored[:_SHOWN], (f"... {hidden} more (--all)", math.nan), *scored[-_SHOWN:]]
+        else:
+            rows = scored
+        if unscored:
+            rows.append((f"({unscored} classes absent)", math.nan))
     print(f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}")
-    for name, iou in metrics["IoU"].items():
-        print(f"{name:<{width}}  {_fmt(iou)}  {_fmt(metrics['Acc'][name])}")
+    for name, iou in rows:
+        print(f"{name:<{width}}  {_fmt(iou)}  {_fmt(metrics['Acc'].get(name, math.nan))}")
     print(
         f"\n{num_images} images: aAcc {_fmt(metrics['aAcc']).strip()}  mIoU {_fmt(metrics['mIoU']).strip()}  "
         f"mAcc {_fmt(metrics['mAcc']).strip()}"

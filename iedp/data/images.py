@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from iedp.errors import InputError
 
@@ -22,10 +22,29 @@ _DEPTH_SCALE = 1000.0
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+MAX_PIXELS_CAP = 40_000_000
+"""The default pixel limit on a machine with ample memory: 40 megapixels, above any phone's default photo."""
+BYTES_PER_PIXEL = 400
+"""Peak memory per input pixel of reading and predicting one image (decoded RGB, float copies, resized scores)."""
+
+
+def default_max_pixels() -> int:
+    """The pixel limit that fits this machine: its available memory / BYTES_PER_PIXEL, at most MAX_PIXELS_CAP
+    and at least 1 megapixel."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not Linux: no estimate
+        return MAX_PIXELS_CAP
+    return max(1_000_000, min(MAX_PIXELS_CAP, available // BYTES_PER_PIXEL))
+
+
 def max_pixels() -> int:
-    """Largest image accepted (width × height), ``$IEDP_MAX_PIXELS`` or 100 million: a guard against
-    decompression bombs, checked from the header before anything is decoded."""
-    value = os.environ.get("IEDP_MAX_PIXELS", "100000000")
+    """Largest image accepted (width × height), ``$IEDP_MAX_PIXELS`` or :func:`default_max_pixels`: a guard
+    against decompression bombs and images this machine cannot process, checked from the header before anything
+    is decoded."""
+    value = os.environ.get("IEDP_MAX_PIXELS")
+    if value is None:
+        return default_max_pixels()
     try:
         return int(value)
     except ValueError:
@@ -33,7 +52,7 @@ def max_pixels() -> int:
 
 
 def _open_decoded(path: str | Path) -> tuple[Image.Image, str | None]:
-    """Open and fully decode ``path``: the image and its file format.
+    """Open and fully decode ``path``: the image, turned upright by its EXIF orientation tag, and its file format.
 
     PIL's lazy ``open`` alone would not notice a truncated file.
     """
@@ -46,10 +65,12 @@ def _open_decoded(path: str | Path) -> tuple[Image.Image, str | None]:
             if img.width * img.height > limit:
                 raise InputError(
                     f"{path}: image is {img.width}x{img.height} = {img.width * img.height} pixels, above the limit "
-                    f"of {limit} (raise IEDP_MAX_PIXELS if the file is trusted)"
+                    f"of {limit} (set IEDP_MAX_PIXELS={img.width * img.height} to allow it if the file is trusted and memory "
+                    f"suffices: about {BYTES_PER_PIXEL} bytes per pixel)"
                 )
             img.load()
-            return img.copy(), img.format
+            # EXIF orientation (phone photos are stored sideways with a rotate tag), as viewers and OpenCV apply it
+            return ImageOps.exif_transpose(img), img.format
     except _DECODE_ERRORS as err:
         raise InputError(f"{path}: cannot decode image ({err})") from err
 

@@ -97,7 +97,13 @@ def evaluate_checkpoint(
 
     ``device`` (default: the process's accelerator device) and ``dtype`` (default ``auto``: bf16 on a GPU that
     has it, else fp32) are resolved as ``iedp predict`` resolves them, so both score the same pictures."""
+    from iedp.outputs import check_output_dir, check_output_file
+
     model, config = load_model(checkpoint)
+    # where results go is checked before the evaluation, not found unwritable after it
+    check_output_file(json_path or Path(checkpoint) / "metrics.json", "--json")
+    if save_predictions:
+        check_output_dir(save_predictions, "--save-predictions")
     config = apply_overrides(config, [*overrides, *(["eval.multi_scale=true"] if multi_scale else [])])
     accelerator = Accelerator(cpu=device == "cpu")
     target = accelerator.device if device in (None, "auto", "cpu") else resolve_device(device)

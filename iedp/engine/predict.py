@@ -12,7 +12,16 @@ Files written per input image ``<stem>`` (``<stem>_1``, ``<stem>_2``... when sev
   ``<stem>_mask.png`` the classes in colour (:func:`iedp.visualize.palette`); ``<stem>_overlay.png`` the
   image with the mask blended in and, to its right, a legend of the classes found, largest first.
 - depth: ``<stem>_depth.png`` uint16 millimetres at the input's size, like NYUv2's ground truth;
-  ``<stem>_depth_color.png`` the depth in Turbo colours, near red, far blue, over the image's own range.
+  ``<stem>_depth_color.png`` the depth in Turbo colours, near red, far blue, on the fixed scale 0..model.max_depth
+  metres, with a colour bar in metres to its right.
+
+Both tasks see the image as the model was trained: rescaled so its short side is the training resolution
+(segmentation: ``eval.short_side``; depth: ``data.resolution`` for synthetic scenes, else ``data.crop_size``), the
+prediction resized back to the input's size.
+
+An output never overwrites an input: a name that would is given the next free ``_1``, ``_2``... stem. An image
+that cannot be read is logged and skipped; the others are still processed, and the failures are listed at the end
+(an :class:`~iedp.errors.InputError`, exit status 2).
 """
 
 from __future__ import annotations
@@ -24,14 +33,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 from iedp.checkpoint import load_model
 from iedp.config import Config, apply_overrides
 from iedp.data.images import read_rgb, write_depth_png
+from iedp.data.transforms import rescale_size, resize_image
 from iedp.engine.inference import predict_image, resolve_device, resolve_dtype
 from iedp.errors import InputError
 from iedp.models.iedp import IEDPModel
+from iedp.outputs import check_output_dir
 from iedp.visualize import (
     beside,
     classes_by_area,
@@ -69,16 +81,27 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def output_stems(paths: Sequence[Path]) -> list[str]:
-    """One distinct output stem per input: the file's stem, with ``_1``, ``_2``... when it is already taken.
+OUTPUT_KINDS = ("labels", "mask", "overlay", "depth", "depth_color")
+
+
+def output_stems(paths: Sequence[Path], out_dir: Path | None = None) -> list[str]:
+    """One distinct output stem per input: the file's stem, with ``_1``, ``_2``... when it is already taken, or
+    when one of its outputs in ``out_dir`` would be an input file (``x_mask.png`` among the inputs).
 
     Compared case-insensitively, so ``A.jpg`` and ``a.png`` do not overwrite each other on macOS or Windows.
     """
+    inputs = {str(p.resolve()).casefold() for p in paths}
+
+    def clobbers(stem: str) -> bool:
+        return out_dir is not None and any(
+            str((out_dir / f"{stem}_{kind}.png").resolve()).casefold() in inputs for kind in OUTPUT_KINDS
+        )
+
     used: set[str] = set()
     stems = []
     for path in paths:
         stem, counter = path.stem, 0
-        while stem.casefold() in used:
+        while stem.casefold() in used or clobbers(stem):
             counter += 1
             stem = f"{path.stem}_{counter}"
         used.add(stem.casefold())
@@ -108,8 +131,15 @@ def estimate_image_depth(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
 ) -> np.ndarray:
-    """H×W metres of an H×W×3 uint8 image of any size, at its own resolution (windows larger than it are padded)."""
-    return predict_image(model, image, config, device, dtype)[0].cpu().numpy()
+    """H×W metres of an H×W×3 uint8 image of any size: rescaled so its short side is the training resolution
+    (as segmentation is), predicted, and resized back to the input's size."""
+    height, width = image.shape[:2]
+    short = config.data.resolution if config.data.dataset == "synthetic" else config.data.crop_size
+    resized = resize_image(image, rescale_size(height, width, (4 * short, short)))
+    depth = predict_image(model, resized, config, device, dtype)
+    if depth.shape[-2:] != (height, width):
+        depth = F.interpolate(depth[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return depth[0].cpu().numpy()
 
 
 def write_segmentation(
@@ -133,12 +163,30 @@ def write_segmentation(
     return paths
 
 
-def write_depth(depth: np.ndarray, out_dir: Path, stem: str) -> list[Path]:
-    """Write ``_depth`` (uint16 millimetres) and ``_depth_color`` (Turbo colours) PNGs."""
+def depth_colorbar(height: int, max_depth: float, width: int = 56) -> Image.Image:
+    """A vertical Turbo bar for 0 (top, red) .. ``max_depth`` (bottom, blue) metres with ticks in metres."""
+    height = max(height, 48)
+    ramp = np.linspace(0.0, max_depth, height)[:, None].repeat(12, axis=1)
+    bar = Image.new("RGB", (width, height), "white")
+    bar.paste(Image.fromarray(colorize_depth(ramp, vmin=0.0, vmax=max_depth, invalid=-1.0)), (2, 0))
+    draw = ImageDraw.Draw(bar)
+    for fraction in (0.0, 0.5, 1.0):
+        y = min(int(fraction * (height - 1)), height - 11)
+        draw.text((16, y), f"{fraction * max_depth:g} m", fill="black")
+    return bar
+
+
+def write_depth(depth: np.ndarray, out_dir: Path, stem: str, max_depth: float | None = None) -> list[Path]:
+    """Write ``_depth`` (uint16 millimetres) and ``_depth_color`` PNGs: Turbo colours on the fixed scale
+    0..``max_depth`` metres with a colour bar (without ``max_depth``: the image's own range, no bar)."""
     depth_path = out_dir / f"{stem}_depth.png"
     write_depth_png(depth_path, np.maximum(depth, MIN_DEPTH_M))
     color_path = out_dir / f"{stem}_depth_color.png"
-    Image.fromarray(colorize_depth(depth)).save(color_path)
+    if max_depth is None:
+        Image.fromarray(colorize_depth(depth)).save(color_path)
+    else:
+        colors = colorize_depth(depth, vmin=0.0, vmax=max_depth, invalid=-1.0)
+        beside(colors, depth_colorbar(depth.shape[0], max_depth)).save(color_path)
     return [depth_path, color_path]
 
 
@@ -165,6 +213,7 @@ def predict_paths(
     first, so a missing path fails before the model loads; an unreadable image stops the run with its name.
     """
     paths = expand_inputs(inputs)
+    check_output_dir(out_dir, "--out")  # before the model loads: a file, read-only or /proc fails at once
     model, config = load_model(checkpoint)
     if model.method == "explicit":
         raise InputError(
@@ -175,8 +224,7 @@ def predict_paths(
     device = resolve_device(device)
     precision = resolve_dtype(dtype, device)
     model.to(device)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_dir(out_dir, "--out")
     logger.info(
         "predicting %d image(s) with %s (%s, %s) on %s in %s",
         len(paths),
@@ -188,16 +236,22 @@ def predict_paths(
     )
 
     written: list[Path] = []
-    for path, stem in zip(paths, output_stems(paths), strict=True):
+    failed: list[str] = []
+    for path, stem in zip(paths, output_stems(paths, out_dir), strict=True):
         start = time.perf_counter()
-        image = read_rgb(path)
+        try:
+            image = read_rgb(path)
+        except InputError as error:  # go on with the other images; listed at the end
+            logger.error("%s", error)
+            failed.append(str(error))
+            continue
         if model.task == "seg":
             labels = segment_image(model, image, config, device, precision)
             written += write_segmentation(image, labels, model.class_names, out_dir, stem)
             summary = describe_classes(labels, model.class_names)
         else:
             depth = estimate_image_depth(model, image, config, device, precision)
-            written += write_depth(depth, out_dir, stem)
+            written += write_depth(depth, out_dir, stem, max_depth=config.model.max_depth)
             summary = f"depth {depth.min():.2f}..{depth.max():.2f} m"
         height, width = image.shape[:2]
         logger.info(
@@ -208,5 +262,11 @@ def predict_paths(
             summary,
             out_dir / stem,
             time.perf_counter() - start,
+        )
+    if failed:
+        raise InputError(
+            f"{len(failed)} of {len(paths)} inputs failed ({len(paths) - len(failed)} done, in {out_dir}): "
+            + "; ".join(failed[:5])
+            + (f"; ... ({len(failed) - 5} more)" if len(failed) > 5 else "")
         )
     return written
