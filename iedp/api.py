@@ -28,6 +28,7 @@ from iedp.config import Config, apply_overrides
 from iedp.data.images import max_pixels, read_rgb
 from iedp.engine.inference import (
     class_attention,
+    predict_batch,
     predict_image,
     resolve_device,
     resolve_dtype,
@@ -258,6 +259,17 @@ class Pipeline:
     def predict_one(self, image: ImageInput, probabilities: bool = False, attention: bool = False) -> Output:
         rgb = to_rgb(image)
         scores = predict_image(self.model, rgb, self.config, self.device, self.dtype)
+        return self.output(rgb, scores, probabilities, attention)
+
+    def predict_frames(self, frames: Sequence[np.ndarray]) -> list[Output]:
+        """Same-size H×W×3 uint8 frames (a video's) predicted together, their windows sharing forward passes."""
+        scores = predict_batch(self.model, list(frames), self.config, self.device, self.dtype)
+        return [self.output(frame, frame_scores) for frame, frame_scores in zip(frames, scores, strict=True)]
+
+    def output(
+        self, rgb: np.ndarray, scores: torch.Tensor, probabilities: bool = False, attention: bool = False
+    ) -> Output:
+        """The typed result of an image's scores (seg (K, H, W), depth (1, H, W))."""
         if self.task == "depth":
             depth = scores[0].cpu().numpy()
             return DepthOutput(image=rgb, depth=depth, color=Image.fromarray(colorize_depth(depth)))

@@ -88,7 +88,14 @@ def _predict(args: argparse.Namespace) -> int:
     from iedp.engine.predict import predict_paths
 
     predict_paths(
-        args.checkpoint, args.inputs, args.out, overrides=args.set, device=args.device, dtype=args.dtype
+        args.checkpoint,
+        args.inputs,
+        args.out,
+        overrides=args.set,
+        device=args.device,
+        dtype=args.dtype,
+        video_batch=args.video_batch,
+        raw_frames=args.raw_frames,
     )
     return 0
 
@@ -188,11 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(p)
     p.set_defaults(func=_evaluate)
 
-    p = commands.add_parser("predict", help="run a checkpoint on your own images")
+    p = commands.add_parser("predict", help="run a checkpoint on your own images and videos")
     p.add_argument("checkpoint")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--video-batch", type=int, default=4, metavar="N", help="video: frames per forward pass")
+    p.add_argument("--raw-frames", action="store_true", help="video: also one label / depth PNG per frame")
     add_device_arguments(p)
     p.set_defaults(func=_predict)
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from iedp.checkpoint import save_model
 from iedp.cli import main
-from iedp.config import Config, EvalConfig, ModelConfig
+from iedp.config import Config, DataConfig, EvalConfig, ModelConfig
 from iedp.data.images import read_depth_png, write_depth_png
 from iedp.engine.evaluate import evaluate_checkpoint
 from iedp.engine.inference import resolve_device, resolve_dtype
@@ -18,6 +18,8 @@ from iedp.models.build import build_model
 
 SMALL_EVAL = EvalConfig(short_side=64, window=64, stride=43, depth_window=64, depth_stride=32, batch_size=4)
 SIZES = [(75, 113), (97, 61)]  # (height, width): odd and non-square
+# depth runs at the training resolution (short side data.crop_size = 64, as NYUv2's 480-row frames at 480)
+DEPTH_SIZES = [(64, 97), (101, 64)]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,10 @@ def checkpoints(tmp_path_factory):
     depth = ModelConfig(
         task="depth", method="iedp", classes="nyu_scenes", depth_fuse_channels=32, depth_head_channels=16
     )
+    data = DataConfig(crop_size=64)
     for name, cfg in (("seg", seg), ("depth", depth)):
-        save_model(build_model(cfg, with_text=False).eval(), Config(model=cfg, eval=SMALL_EVAL), root / name)
+        config = Config(model=cfg, data=data, eval=SMALL_EVAL)
+        save_model(build_model(cfg, with_text=False).eval(), config, root / name)
     return root
 
 
@@ -67,7 +71,7 @@ def test_predict_gives_what_evaluate_scores_depth(checkpoints, tmp_path):
     rng = np.random.default_rng(1)
     root = tmp_path / "nyu"
     lines, images = [], []
-    for i, (h, w) in enumerate(SIZES):
+    for i, (h, w) in enumerate(DEPTH_SIZES):
         folder = root / "official_splits/test/kitchen"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"rgb_{i:05d}.png")
@@ -82,7 +86,7 @@ def test_predict_gives_what_evaluate_scores_depth(checkpoints, tmp_path):
     assert main([*argv, "--json", str(tmp_path / "m.json"), *(f"--set={s}" for s in sets)]) == 0
     predicted = tmp_path / "predicted"
     assert main(["predict", str(checkpoints / "depth"), *map(str, images), "--out", str(predicted)]) == 0
-    for i in range(len(SIZES)):
+    for i in range(len(DEPTH_SIZES)):
         np.testing.assert_array_equal(
             read_depth_png(predicted / f"rgb_{i:05d}_depth.png"),
             read_depth_png(scored / f"kitchen_rgb_{i:05d}.png"),
@@ -116,3 +120,17 @@ def test_bf16_predict_runs_and_stays_close(checkpoints, tmp_path):
     a, b = read_depth_png(fp32), read_depth_png(bf16)
     assert a.shape == b.shape == (40, 50)
     assert np.abs(a - b).max() < 0.1 * a.max()
+
+
+def test_sliding_window_over_a_batch_equals_each_image_alone():
+    from iedp.engine.inference import sliding_window
+
+    torch.manual_seed(0)
+    blur = torch.nn.Conv2d(3, 2, 5, padding=2)
+    images = torch.randn(3, 3, 70, 90)
+    with torch.no_grad():
+        batched = sliding_window(blur, images, window=64, stride=40, multiple=64, batch_size=5)
+        alone = torch.cat(
+            [sliding_window(blur, image[None], window=64, stride=40, multiple=64) for image in images]
+        )
+    torch.testing.assert_close(batched, alone)

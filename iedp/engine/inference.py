@@ -46,15 +46,18 @@ def predict_padded(predict: Predict, images: torch.Tensor, multiple: int) -> tor
 def sliding_window(
     predict: Predict, image: torch.Tensor, window: int, stride: int, multiple: int, batch_size: int = 4
 ) -> torch.Tensor:
-    """Average of window predictions over a (1, 3, H, W) image -> (1, K, H, W); overlaps are averaged."""
-    _, _, H, W = image.shape
+    """Average of window predictions over (B, 3, H, W) images of one size -> (B, K, H, W); overlaps are averaged.
+
+    The windows of all B images go through ``predict`` in chunks of ``batch_size`` (video frames share passes)."""
+    B, _, H, W = image.shape
     boxes = [(y, x) for y in window_starts(H, window, stride) for x in window_starts(W, window, stride)]
+    # box-major: the B crops of the first box, then of the second...
     crops = torch.cat([image[..., y : y + window, x : x + window] for y, x in boxes])
     outputs = torch.cat([predict_padded(predict, chunk, multiple) for chunk in crops.split(batch_size)])
-    total = image.new_zeros((1, outputs.shape[1], H, W), dtype=outputs.dtype)
+    total = image.new_zeros((B, outputs.shape[1], H, W), dtype=outputs.dtype)
     count = image.new_zeros((1, 1, H, W), dtype=outputs.dtype)
-    for (y, x), out in zip(boxes, outputs, strict=True):
-        total[0, :, y : y + window, x : x + window] += out
+    for (y, x), out in zip(boxes, outputs.split(B), strict=True):
+        total[:, :, y : y + window, x : x + window] += out
         count[..., y : y + window, x : x + window] += 1
     return total / count
 
@@ -224,14 +227,33 @@ def scores_are_probabilities(config: Config) -> bool:
     return config.eval.multi_scale
 
 
-def model_input(image: np.ndarray, model: IEDPModel, config: Config) -> torch.Tensor:
-    """The (3, h, w) tensor the model sees for an H×W×3 uint8 image of any size, as the evaluation set is built:
-    segmentation rescales it (short side ``eval.short_side``, long side at most 4× that), depth keeps it."""
+def input_short_side(model: IEDPModel, config: Config) -> int:
+    """The short side an image is rescaled to before inference (long side at most 4× that): segmentation
+    ``eval.short_side`` (ADE20K's 512), depth the training resolution (``data.resolution`` for synthetic scenes,
+    else ``data.crop_size``). The evaluation sets' own images already have it (ADE20K after its rescale, NYUv2's
+    480-row frames, synthetic scenes), so ``predict`` on them gives what ``evaluate`` scores."""
     if model.task == "seg":
-        short = config.eval.short_side
-        height, width = image.shape[:2]
-        image = resize_image(image, rescale_size(height, width, (4 * short, short)))
-    return normalize(image)
+        return config.eval.short_side
+    return config.data.resolution if config.data.dataset == "synthetic" else config.data.crop_size
+
+
+def model_input(image: np.ndarray, model: IEDPModel, config: Config) -> torch.Tensor:
+    """The (3, h, w) tensor the model sees for an H×W×3 uint8 image of any size: rescaled so its short side is
+    :func:`input_short_side` (unchanged when it already is)."""
+    short = input_short_side(model, config)
+    height, width = image.shape[:2]
+    size = rescale_size(height, width, (4 * short, short))
+    return normalize(image if size == (height, width) else resize_image(image, size))
+
+
+def to_size(depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., h, w) depth resized bilinearly to ``size`` (unchanged when it has it)."""
+    if tuple(depth.shape[-2:]) == tuple(size):
+        return depth
+    shape = depth.shape
+    flat = depth.reshape(-1, 1, *shape[-2:])
+    resized = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False)
+    return resized.reshape(*shape[:-2], *size)
 
 
 def predict_image(
@@ -243,7 +265,8 @@ def predict_image(
 ) -> torch.Tensor:
     """Scores of an H×W×3 uint8 image at its own size: seg (K, H, W), depth (1, H, W) metres."""
     sample = {"image": model_input(image, model, config)}
-    return predict_scores(model, sample, config, device, out_size=image.shape[:2], dtype=dtype)
+    scores = predict_scores(model, sample, config, device, out_size=image.shape[:2], dtype=dtype)
+    return scores if model.task == "seg" else to_size(scores, image.shape[:2])
 
 
 @torch.no_grad()
@@ -287,3 +310,40 @@ def class_attention(
     finally:
         hook.remove()
     return F.interpolate(result, size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+
+
+@torch.no_grad()
+def predict_batch(
+    model: IEDPModel,
+    images: list[np.ndarray],
+    config: Config,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Scores of N same-size H×W×3 uint8 images (video frames) in shared passes: seg (N, K, H, W), depth
+    (N, 1, H, W). The protocol of :func:`predict_scores`; only the batching of windows differs."""
+    sizes = {image.shape for image in images}
+    if len(sizes) != 1:
+        raise ValueError(f"predict_batch needs images of one size, got {sorted(sizes)}")
+    ec = config.eval
+    multiple = model.backbone.input_multiple
+    batch = torch.stack([model_input(image, model, config) for image in images]).to(device)
+    predict = model_predictor(model, {}, device)
+    with autocast(device, dtype):
+        if model.task == "seg":
+            scales = ec.scales if ec.multi_scale else (1.0,)
+            return segment(
+                predict,
+                batch,
+                images[0].shape[:2],
+                ec.window,
+                ec.stride,
+                multiple,
+                scales=scales,
+                flip=ec.multi_scale,
+                batch_size=ec.batch_size * len(images),
+            ).float()
+        depth = estimate_depth(
+            predict, batch, ec.depth_window, ec.depth_stride, multiple, ec.flip, ec.batch_size * len(images)
+        )
+    return to_size(depth.float(), images[0].shape[:2])

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from iedp.api import Pipeline
 from iedp.checkpoint import load_model
 from iedp.config import Config, apply_overrides
 from iedp.data.images import read_rgb, write_depth_png
@@ -44,6 +45,7 @@ from iedp.engine.inference import predict_image, resolve_device, resolve_dtype
 from iedp.errors import InputError
 from iedp.models.iedp import IEDPModel
 from iedp.outputs import check_output_dir
+from iedp.video import is_video, predict_video
 from iedp.visualize import (
     beside,
     classes_by_area,
@@ -204,9 +206,13 @@ def predict_paths(
     overrides: Sequence[str] = (),
     device: str | None = None,
     dtype: str | None = None,
+    video_batch: int = 4,
+    raw_frames: bool = False,
 ) -> list[Path]:
     """``iedp predict CHECKPOINT IMAGE_OR_DIR... --out DIR [--set key=value] [--device D] [--dtype T]``; returns
-    the files written.
+    the files written. A video file (:data:`iedp.video.VIDEO_SUFFIXES`) becomes ``<stem>_side_by_side.mp4``,
+    its frames predicted ``video_batch`` at a time, and with ``raw_frames`` one PNG per frame
+    (:func:`iedp.video.predict_video`).
 
     The model is loaded once and runs on ``device`` (default: the GPU when there is one) in ``dtype`` (default:
     bf16 where the GPU has it, else fp32), resolved as ``iedp evaluate`` resolves them. Inputs are all checked
@@ -239,6 +245,10 @@ def predict_paths(
     failed: list[str] = []
     for path, stem in zip(paths, output_stems(paths, out_dir), strict=True):
         start = time.perf_counter()
+        if is_video(path):
+            pipeline = Pipeline(model, config, device=device, dtype=precision)
+            written += predict_video(pipeline, path, out_dir, stem, video_batch, raw_frames)
+            continue
         try:
             image = read_rgb(path)
         except InputError as error:  # go on with the other images; listed at the end
