@@ -96,3 +96,16 @@ def test_a_long_value_is_cut_in_the_message(capsys):
     assert main(["train", "demo_seg", "--set", "train.max_steps=" + "9x" * 5000]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and len(err) < 300 and "train.max_steps" in err
+
+
+def test_make_tiny_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    weights = tmp_path / "weights" / "unet"
+    weights.mkdir(parents=True)
+    (weights / "diffusion_pytorch_model.safetensors").write_bytes(b"real weights")
+    assert main(["make-tiny", str(tmp_path / "weights")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "folder is not empty" in err and "--force" in err
+    assert (weights / "diffusion_pytorch_model.safetensors").read_bytes() == b"real weights"
+    (tmp_path / "file").write_text("keep")
+    assert main(["make-tiny", str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and (tmp_path / "file").read_text() == "keep"
