@@ -73,7 +73,8 @@ def metrics_table(metrics: dict | None, task: str) -> str:
         return "No evaluation recorded yet: run `iedp evaluate` on this folder and save it again."
     keys = [k for k in SUMMARY_METRICS[task] if k in metrics]
     rows = "\n".join(f"| {k} | {metrics[k]:.4f} |" for k in keys)
-    return f"| metric | value |\n|---|---|\n{rows}"
+    unit = " (%)" if task == "seg" else " (rmse in metres)"
+    return f"| metric | value{unit} |\n|---|---|\n{rows}"
 
 
 def model_card(model: IEDPModel, config: Config, metrics: dict | None) -> ModelCard:
@@ -85,7 +86,8 @@ def model_card(model: IEDPModel, config: Config, metrics: dict | None) -> ModelC
         license=licence,
         library_name="iedp",
         pipeline_tag=pipeline_tag,
-        tags=["iedp", model.method, "diffusion-perception", "stable-diffusion"],
+        tags=["iedp", f"method-{model.method}", "diffusion-perception"]
+        + ([] if tiny else ["stable-diffusion"]),
         base_model=None if tiny else SD_V15,
         datasets=[config.data.dataset],
     )
@@ -118,7 +120,7 @@ An [iedp](https://arxiv.org/abs/2404.07600) checkpoint for **{task}**.
 
 | key | value |
 |---|---|
-| data | `{d.dataset}`, crop {d.crop_size} |
+| data | `{d.dataset}`, {f"{d.resolution}×{d.resolution} scenes" if d.dataset == "synthetic" else f"crop {d.crop_size}"} |
 | steps | {t.max_steps}, batch {t.batch_size} × accumulation {t.grad_accum} |
 | optimiser | AdamW, lr {t.lr}, weight decay {t.weight_decay}, schedule `{t.schedule}` |
 | precision | `{t.mixed_precision}` |

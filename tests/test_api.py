@@ -2,6 +2,7 @@
 ``iedp predict``'s files; ``from_pretrained(save_pretrained(m))`` bit for bit, with a model card."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,7 +150,9 @@ def test_save_pretrained_round_trip_is_bit_exact_with_model_card(checkpoints, fi
     card = (folder / "README.md").read_text()
     assert card.startswith("---\n") and "license: apache-2.0" in card and "library_name: iedp" in card
     assert "`iedp`" in card and "IEDP (Wang, Cao et al." in card  # the method
-    assert "| mIoU | 12.5000 |" in card and "| aAcc | 70.0000 |" in card  # the last evaluation
+    assert (
+        "| mIoU | 12.5000 |" in card and "value (%)" in card and "| aAcc | 70.0000 |" in card
+    )  # the last evaluation
     assert "iedp.load(" in card
     # the saved folder carries its metrics on: saved again, the card still has them
     again = loaded.save_pretrained(tmp_path / "again")
@@ -183,3 +186,29 @@ def test_point_cloud_back_projection_and_ply_round_trip(tmp_path):
     assert default_focal(640) == pytest.approx(518.8579)
     with pytest.raises(ValueError, match="focal"):
         depth_to_points(depth, image, focal=0.0)
+
+
+def test_push_to_hub_uploads_the_saved_folder(checkpoints, monkeypatch):
+    """No network in tests: HfApi is replaced by a recorder; the folder it is given is save_pretrained's."""
+    calls = {}
+
+    class RecordingApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+            calls["repo"] = (repo_id, private, exist_ok, repo_type)
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            calls["card"] = (Path(folder_path) / "README.md").read_text()
+
+    monkeypatch.setattr("huggingface_hub.HfApi", RecordingApi)
+    url = iedp.load(checkpoints["depth"], device="cpu").push_to_hub(
+        "someone/tiny-depth", private=True, token="t"
+    )
+    assert url == "https://huggingface.co/someone/tiny-depth"
+    assert calls["repo"] == ("someone/tiny-depth", True, True, "model") and calls["token"] == "t"
+    assert calls["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert "depth-estimation" in calls["card"] and "No evaluation recorded yet" in calls["card"]
