@@ -25,6 +25,7 @@ from iedp.app import depth_scale_bar, serve  # noqa: E402
 from iedp.checkpoint import save_model  # noqa: E402
 from iedp.config import Config, EvalConfig, ModelConfig  # noqa: E402
 from iedp.data.images import read_depth_png  # noqa: E402
+from iedp.data.synthetic import render_scene  # noqa: E402
 from iedp.models.build import build_model  # noqa: E402
 from iedp.pointcloud import read_ply  # noqa: E402
 
@@ -58,6 +59,9 @@ def server(tmp_path_factory):
     y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
     image = np.stack([x * 255 // WIDTH, y * 255 // HEIGHT, (x * y) % 256], -1).astype(np.uint8)
     Image.fromarray(image).save(root / "room.png")
+    Image.fromarray(render_scene(seed=7, height=144, width=192).rgb).save(
+        root / "scene.png"
+    )  # for the browser
     (root / "notes.png").write_text("this is not an image")
     port = free_port()
     blocks = serve([root / "seg", root / "depth"], port=port, block=False, device="cpu")
@@ -161,9 +165,9 @@ def test_app_in_a_real_browser(server, tmp_path):
         upload = wait.until(
             expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#upload input[type=file]"))
         )
-        upload.send_keys(str(server["root"] / "room.png"))
+        upload.send_keys(str(server["root"] / "scene.png"))
         # uploaded: the file component lists the name and size ("room", ".png", "... KB")
-        wait.until(lambda d: "room" in (text := d.find_element(By.ID, "upload").text) and "KB" in text)
+        wait.until(lambda d: "scene" in (text := d.find_element(By.ID, "upload").text) and "KB" in text)
         driver.find_element(By.CSS_SELECTOR, "#run").click()
         shown = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#result img[src]"))
         wait.until(
@@ -174,7 +178,7 @@ def test_app_in_a_real_browser(server, tmp_path):
         natural = driver.execute_script(
             "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", shown[0]
         )
-        legend = Pipeline.from_pretrained(server["root"] / "seg", device="cpu")(server["root"] / "room.png")
+        legend = Pipeline.from_pretrained(server["root"] / "seg", device="cpu")(server["root"] / "scene.png")
         assert natural == list(legend.overlay_with_legend().size)  # the result picture is shown, at its size
         path = tmp_path / "app.png"
         driver.save_screenshot(str(path))
