@@ -187,3 +187,18 @@ def test_app_in_a_real_browser(server, tmp_path):
             shutil.copyfile(path, SCREENSHOT)
     finally:
         driver.quit()
+
+
+def test_app_refuses_too_large_uploads_in_one_line(server):
+    from iedp.app import App
+    from iedp.errors import InputError
+
+    app = App([server["root"] / "depth"], device="cpu", max_pixels=1000)
+    with pytest.raises(
+        InputError, match=r"room.png: 101×67 = 6,767 pixels is above this app's limit of 1,000"
+    ):
+        app.read_upload(str(server["root"] / "room.png"))
+    with pytest.raises(InputError, match="focal length"):
+        App([server["root"] / "depth"], device="cpu").run(
+            "depth", str(server["root"] / "room.png"), -5.0, None
+        )
