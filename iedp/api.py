@@ -93,12 +93,15 @@ class DepthOutput:
     Attributes:
         image: the input as H×W×3 uint8 RGB.
         depth: H×W float32 metres.
-        color: the depth in Turbo colours (near red, far blue, over this image's range), as a PIL image.
+        color: the depth in Turbo colours on the model's fixed scale, 0 (red) .. ``max_depth`` (blue) metres, as
+            a PIL image: the left part of ``iedp predict``'s ``_depth_color.png``.
+        max_depth: the top of that scale, the model's ``max_depth``.
     """
 
     image: np.ndarray
     depth: np.ndarray
     color: Image.Image
+    max_depth: float = 10.0
 
 
 Output = SegmentationOutput | DepthOutput
@@ -272,7 +275,9 @@ class Pipeline:
         """The typed result of an image's scores (seg (K, H, W), depth (1, H, W))."""
         if self.task == "depth":
             depth = scores[0].cpu().numpy()
-            return DepthOutput(image=rgb, depth=depth, color=Image.fromarray(colorize_depth(depth)))
+            top = float(self.config.model.max_depth)
+            color = Image.fromarray(colorize_depth(depth, vmin=0.0, vmax=top, invalid=-1.0))
+            return DepthOutput(image=rgb, depth=depth, color=color, max_depth=top)
         labels = scores.argmax(dim=0).cpu().numpy()
         mask = colorize_labels(labels, palette(self.model.num_classes), ignore_index=None)
         result = SegmentationOutput(

@@ -161,7 +161,7 @@ class App:
             )
         depth = result.depth
         vmin, vmax = float(depth.min()), float(depth.max())
-        picture = beside(result.color, depth_scale_bar(vmin, vmax, height))
+        picture = beside(result.color, depth_scale_bar(0.0, result.max_depth, height))
         depth_path = folder / f"{stem}_depth.png"
         write_depth_png(depth_path, np.maximum(depth, 1e-3))
         step(0.7, desc="point cloud")

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from iedp.api import Pipeline, SegmentationOutput
 from iedp.data.images import write_depth_png
 from iedp.errors import InputError
-from iedp.visualize import colorize_depth
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +89,10 @@ class VideoWriter:
         self.container.close()
 
 
-def prediction_picture(result, depth_range: tuple[float, float] | None) -> np.ndarray:
-    """The right half of a side-by-side frame: the overlay (seg) or the depth colours over a fixed range."""
-    if isinstance(result, SegmentationOutput):
-        return np.asarray(result.overlay)
-    return colorize_depth(result.depth, *depth_range)
+def prediction_picture(result) -> np.ndarray:
+    """The right half of a side-by-side frame: the overlay (seg) or the depth colours on the model's fixed
+    0..max_depth scale, so a colour means the same distance in every frame."""
+    return np.asarray(result.overlay if isinstance(result, SegmentationOutput) else result.color)
 
 
 def predict_video(
@@ -107,11 +105,9 @@ def predict_video(
 ) -> list[Path]:
     """Write ``<stem>_side_by_side.mp4`` (input | prediction, the input's frame rate) and, with ``raw_frames``,
     ``<stem>_frames/NNNNNN_labels.png`` or ``NNNNNN_depth.png``; returns the files written.
-
-    Depth colours use one range for the whole clip (the first batch's, widened as later frames need), so a
-    colour means the same distance in every frame until the range grows."""
+    """
     if batch_size < 1:
-        raise InputError(f"--batch-size: {batch_size} must be at least 1")
+        raise InputError(f"--video-batch: {batch_size} must be at least 1")
     out_dir = Path(out_dir)
     frames, rate, count = read_frames(path)
     video_path = out_dir / f"{stem}_side_by_side.mp4"
@@ -120,22 +116,13 @@ def predict_video(
         frame_dir.mkdir(parents=True, exist_ok=True)
     writer: VideoWriter | None = None
     written: list[Path] = []
-    depth_range: tuple[float, float] | None = None
     index = 0
     progress = tqdm(total=count, desc=Path(path).name, unit="frame", leave=False)
     try:
         for batch in _batches(frames, batch_size):
             results = pipeline.predict_frames(batch)
-            if pipeline.task == "depth":
-                low = min(float(r.depth.min()) for r in results)
-                high = max(float(r.depth.max()) for r in results)
-                depth_range = (
-                    (low, high)
-                    if depth_range is None
-                    else (min(depth_range[0], low), max(depth_range[1], high))
-                )
             for frame, result in zip(batch, results, strict=True):
-                side_by_side = np.concatenate([frame, prediction_picture(result, depth_range)], axis=1)
+                side_by_side = np.concatenate([frame, prediction_picture(result)], axis=1)
                 if writer is None:
                     writer = VideoWriter(video_path, rate, side_by_side.shape[1], side_by_side.shape[0])
                 writer.write(side_by_side)

@@ -111,6 +111,8 @@ def test_depth_api_equals_predict_files(checkpoints, files, tmp_path):
         saved = read_depth_png(out / f"{stem}_depth.png")
         np.testing.assert_array_equal(np.round(np.maximum(result.depth, 1e-3) * 1000) / 1000, saved)
         assert result.color.size == (width, height)
+        picture = np.asarray(Image.open(out / f"{stem}_depth_color.png").convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(result.color), picture[:height, :width])  # same fixed scale
 
 
 def test_input_conversion():
