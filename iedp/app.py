@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +36,8 @@ DEFAULT_MAX_PIXELS = 16_000_000
 """Largest upload the app takes (width × height); ``iedp serve --max-pixels`` changes it."""
 VIEW_POINTS = 150_000
 """At most this many points go to the 3D view (the .ply download keeps every pixel)."""
+KEEP_OUTPUTS_S = 3600.0
+"""Downloads of a request are kept this long (Gradio serves its own copies meanwhile)."""
 
 
 def _gradio():
@@ -135,6 +139,7 @@ class App:
         step(0.2, desc=f"running {name}")
         result = pipeline(image)
         stem = Path(path).stem[:60] or "image"
+        self.forget_old_outputs()
         folder = Path(tempfile.mkdtemp(dir=self.outputs))
         height, width = image.shape[:2]
         if isinstance(result, SegmentationOutput):
@@ -181,6 +186,13 @@ class App:
             [str(depth_path), str(ply_path)],
             summary,
         )
+
+    def forget_old_outputs(self, keep_s: float = KEEP_OUTPUTS_S) -> None:
+        """Delete the download folders of earlier requests older than ``keep_s`` seconds."""
+        now = time.time()
+        for folder in self.outputs.iterdir():
+            if now - folder.stat().st_mtime > keep_s:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def attention_picture(
         self, pipeline: Pipeline, image: np.ndarray, class_name: str | None

@@ -87,31 +87,41 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from iedp.engine.predict import predict_paths
 
-    predict_paths(
-        args.checkpoint,
-        args.inputs,
-        args.out,
-        overrides=args.set,
-        device=args.device,
-        dtype=args.dtype,
-        video_batch=args.video_batch,
-        raw_frames=args.raw_frames,
-    )
+    try:
+        predict_paths(
+            args.checkpoint,
+            args.inputs,
+            args.out,
+            overrides=args.set,
+            device=args.device,
+            dtype=args.dtype,
+            video_batch=args.video_batch,
+            raw_frames=args.raw_frames,
+        )
+    except ImportError as error:  # video without PyAV: one line saying what to install
+        if "pip install" not in str(error):
+            raise
+        raise InputError(str(error)) from None
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     from iedp.app import serve
 
-    serve(
-        args.checkpoints,
-        host=args.host,
-        port=args.port,
-        share=args.share,
-        device=args.device,
-        dtype=args.dtype,
-        max_pixels=args.max_pixels,
-    )
+    try:
+        serve(
+            args.checkpoints,
+            host=args.host,
+            port=args.port,
+            share=args.share,
+            device=args.device,
+            dtype=args.dtype,
+            max_pixels=args.max_pixels,
+        )
+    except ImportError as error:  # no Gradio: one line saying what to install
+        if "pip install" not in str(error):
+            raise
+        raise InputError(str(error)) from None
     return 0
 
 

@@ -90,3 +90,11 @@ def test_predict_video_writes_side_by_side_mp4_and_raw_frames(checkpoints, clip,
     else:
         depth = read_depth_png(raw[0])
         np.testing.assert_allclose(depth, np.maximum(single.depth, 1e-3), atol=2e-3)
+
+
+def test_missing_pyav_is_one_line(checkpoints, clip, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed
+    assert main(["predict", str(checkpoints["seg"]), str(clip), "--out", str(tmp_path / "out")]) == 2
+    assert 'pip install "iedp[video]"' in capsys.readouterr().err
