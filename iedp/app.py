@@ -241,8 +241,8 @@ def build_app(app: App):
         )
         with gr.Row():
             with gr.Column(scale=1):
-                checkpoint = gr.Dropdown(names, value=names[0], label="Checkpoint")
-                info = gr.Markdown(app.describe(names[0]))
+                checkpoint = gr.Dropdown(names, value=names[0], label="Checkpoint", elem_id="checkpoint")
+                info = gr.Markdown(app.describe(names[0]), elem_id="info")
                 upload = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="upload")
                 focal = gr.Number(
                     value=0,
@@ -267,7 +267,9 @@ def build_app(app: App):
                             interactive=False,
                             height=240,
                         )
-                cloud = gr.Model3D(label="Point cloud", display_mode="point_cloud", clear_color=(1, 1, 1, 1))
+                cloud = gr.Model3D(
+                    elem_id="cloud", label="Point cloud", display_mode="point_cloud", clear_color=(1, 1, 1, 1)
+                )
                 downloads = gr.File(label="Raw outputs", file_count="multiple", interactive=False)
         checkpoint.change(app.describe, checkpoint, info, api_name=False)
         run.click(

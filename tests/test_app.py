@@ -31,7 +31,10 @@ from iedp.pointcloud import read_ply  # noqa: E402
 
 SMALL_EVAL = EvalConfig(short_side=64, window=64, stride=48, depth_window=64, depth_stride=48, batch_size=4)
 HEIGHT, WIDTH = 67, 101
-SCREENSHOT = os.environ.get("IEDP_APP_SCREENSHOT")  # where to keep the browser's screenshot (docs/app.png)
+# Where to keep the browser's screenshots (docs/ for the README's app_seg.png and app_depth.png), and, for
+# those pictures, trained checkpoints to serve instead of the random tiny ones ("SEG_DIR:DEPTH_DIR").
+SCREENSHOTS = os.environ.get("IEDP_APP_SCREENSHOTS")
+CHECKPOINTS = os.environ.get("IEDP_APP_CHECKPOINTS")
 
 
 def free_port() -> int:
@@ -50,18 +53,20 @@ def server(tmp_path_factory):
     )
     for name, cfg in (("seg", seg), ("depth", depth)):
         model = build_model(cfg, with_text=False)
-        with (
-            torch.no_grad()
-        ):  # a random head gives one class everywhere; spread it so the pictures show classes
+        # a random head gives one class everywhere; spread it so the pictures show classes
+        with torch.no_grad():
             for parameter in model.head.parameters():
                 parameter.mul_(30.0) if parameter.ndim > 1 else None
         save_model(model, Config(model=cfg, eval=SMALL_EVAL), root / name)
+    if CHECKPOINTS:
+        for name, folder in zip(("seg", "depth"), CHECKPOINTS.split(":"), strict=True):
+            shutil.rmtree(root / name)
+            shutil.copytree(folder, root / name)
     y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
     image = np.stack([x * 255 // WIDTH, y * 255 // HEIGHT, (x * y) % 256], -1).astype(np.uint8)
     Image.fromarray(image).save(root / "room.png")
-    Image.fromarray(render_scene(seed=7, height=144, width=192).rgb).save(
-        root / "scene.png"
-    )  # for the browser
+    scene = render_scene(seed=7, height=144, width=192)  # for the browser
+    Image.fromarray(scene.rgb).save(root / "scene.png")
     (root / "notes.png").write_text("this is not an image")
     port = free_port()
     blocks = serve([root / "seg", root / "depth"], port=port, block=False, device="cpu")
@@ -153,7 +158,8 @@ def chromium_driver():
         pytest.skip(f"headless Chromium did not start: {str(error).splitlines()[0]}")
 
 
-def test_app_in_a_real_browser(server, tmp_path):
+@pytest.mark.parametrize("task", ["seg", "depth"])
+def test_app_in_a_real_browser(server, tmp_path, task):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
@@ -162,29 +168,52 @@ def test_app_in_a_real_browser(server, tmp_path):
     try:
         driver.get(server["url"])
         wait = WebDriverWait(driver, 60)
+        if task == "depth":  # pick the depth checkpoint from the list
+            wait.until(
+                expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "#checkpoint input"))
+            ).click()
+            option = wait.until(
+                lambda d: [
+                    o for o in d.find_elements(By.CSS_SELECTOR, "[role=option]") if o.text.strip() == "depth"
+                ]
+            )
+            option[0].click()
+            wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "info"), "depth"))
         upload = wait.until(
             expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#upload input[type=file]"))
         )
         upload.send_keys(str(server["root"] / "scene.png"))
-        # uploaded: the file component lists the name and size ("room", ".png", "... KB")
+        # uploaded: the file component lists the name and size ("scene", ".png", "... KB")
         wait.until(lambda d: "scene" in (text := d.find_element(By.ID, "upload").text) and "KB" in text)
         driver.find_element(By.CSS_SELECTOR, "#run").click()
         shown = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#result img[src]"))
         wait.until(
             lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", shown[0])
         )
-        wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "summary"), "classes"))
-        time.sleep(1.0)  # let the attention map and labels settle for the picture
+        wait.until(
+            expected_conditions.text_to_be_present_in_element(
+                (By.ID, "summary"), "classes" if task == "seg" else "m,"
+            )
+        )
         natural = driver.execute_script(
             "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", shown[0]
         )
-        legend = Pipeline.from_pretrained(server["root"] / "seg", device="cpu")(server["root"] / "scene.png")
-        assert natural == list(legend.overlay_with_legend().size)  # the result picture is shown, at its size
-        path = tmp_path / "app.png"
+        result = Pipeline.from_pretrained(server["root"] / task, device="cpu")(server["root"] / "scene.png")
+        if task == "seg":
+            expected = result.overlay_with_legend().size
+        else:  # the colour map and its scale bar; the point cloud drawn in the 3D view's canvas
+            expected = (
+                result.color.width + depth_scale_bar(0.0, result.max_depth, result.color.height).width,
+                144,
+            )
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#cloud canvas"))
+        assert natural == list(expected)  # the result picture is shown, at its size
+        time.sleep(2.0)  # let the attention map / 3D view finish drawing for the picture
+        path = tmp_path / f"app_{task}.png"
         driver.save_screenshot(str(path))
         assert Image.open(path).size[0] > 0
-        if SCREENSHOT:
-            shutil.copyfile(path, SCREENSHOT)
+        if SCREENSHOTS:
+            shutil.copyfile(path, Path(SCREENSHOTS) / path.name)
     finally:
         driver.quit()
 
