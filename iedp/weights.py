@@ -41,7 +41,13 @@ _Tower = TypeVar("_Tower", CLIPVisionModelWithProjection, CLIPTextModelWithProje
 
 # The cache key of the tiny preset: bump it whenever make_tiny's output changes (sizes, vocabulary, seed use),
 # including when the shipped class or scene lists change, since the tokenizer is trained on them.
-TINY_VERSION = "1"
+TINY_VERSION = "2"
+
+# The tiny VAE's widths. Its outer level once had 8 channels in 8 norm groups: each group one channel, so every
+# GroupNorm there removed each channel's mean, colour included. Wider levels with several channels per group let
+# colour through, but it is still learnt late (see the pre-training report).
+VAE_CHANNELS = (32, 32, 64, 64)
+VAE_NORM_GROUPS = 8  # 4 channels per group at the outer level
 
 _SD_EXPECTED = "expected a diffusers Stable Diffusion folder (unet/, vae/) or a .safetensors/.ckpt file"
 _CLIP_EXPECTED = (
@@ -253,8 +259,9 @@ def resolve_weights(weights: str, sd: str | None = None, clip: str | None = None
 
     Args:
         weights: ``"tiny"`` (the tiny preset, built once into the cache), ``"tiny-pretrained"`` (the tiny
-            preset pre-trained on synthetic scenes by :mod:`iedp.pretrain`, built once into the cache: minutes
-            on a CPU) or a folder holding SD (``unet/``, ``vae/``) and a ``clip/`` subfolder.
+            preset pre-trained on synthetic scenes by :mod:`iedp.pretrain`, shipped with the package; rebuilt
+            into the cache only if the shipped copy is stale) or a folder holding SD (``unet/``, ``vae/``) and a
+            ``clip/`` subfolder.
         sd: overrides the SD part, e.g. a single ``.safetensors`` file.
         clip: overrides the CLIP part, e.g. a separate CLIP folder.
     """
@@ -317,8 +324,9 @@ def make_tiny(out_dir: str | Path, seed: int = 0, layers_per_block: int = 1) -> 
     (ADE20K class names, NYUv2 scene names, "a photo of a ..."). Same ``seed``, same weights.
 
     Sizes: UNet block_out_channels (32, 32, 64, 64), 2 heads, cross_attention_dim 32 (SD: 320..1280, 768);
-    VAE factor 8 with 4 latent channels; CLIP hidden 64 (vision) / 32 (text), 2 layers, projection 32,
-    32 x 32 images in 8 x 8 patches (17 vision tokens), 77 text positions.
+    VAE block_out_channels (VAE_CHANNELS), factor 8, 4 latent channels; CLIP vision hidden 64, 4 layers,
+    64 x 64 images in 8 x 8 patches (65 tokens); CLIP text hidden 32 (the UNet's context width, as 768 in SD),
+    3 layers, 77 positions; projection 32.
 
     Args:
         out_dir: created if missing.
@@ -351,10 +359,10 @@ def make_tiny(out_dir: str | Path, seed: int = 0, layers_per_block: int = 1) -> 
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 32, 32),
+            block_out_channels=VAE_CHANNELS,
             layers_per_block=layers_per_block,
             latent_channels=4,
-            norm_num_groups=8,
+            norm_num_groups=VAE_NORM_GROUPS,
             sample_size=64,
         )
         torch.manual_seed(seed)
@@ -370,8 +378,8 @@ def _tiny_clip_config(tokenizer: CLIPTokenizer, projection_dim: int) -> CLIPConf
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
         "num_attention_heads": 2,
         "max_position_embeddings": tokenizer.model_max_length,
         # The pooled text feature is read at the first end-of-text token, found by this id.
@@ -384,10 +392,10 @@ def _tiny_clip_config(tokenizer: CLIPTokenizer, projection_dim: int) -> CLIPConf
     }
     vision_config = {
         "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": 32,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "image_size": 64,
         "patch_size": 8,
         "projection_dim": projection_dim,
     }
@@ -399,7 +407,16 @@ def _tiny_prompt_corpus() -> list[str]:
     names = read_names("ade20k_classes.txt") + [
         name.replace("_", " ") for name in read_names("nyu_scenes.txt")
     ]
-    return [f"a photo of a {name}." for name in names] + ["a photo of a wall, floor, bed and lamp"]
+    # The words of the pre-training captions ("... with white walls, a red sofa and two chairs"), so each is one
+    # token too.
+    from iedp.data.synthetic import SYNTHETIC_CLASSES  # imports the data package: only when building
+    from iedp.pretrain.data import COLOUR_WORDS, COUNT_WORDS, plural
+
+    words = [*COLOUR_WORDS, *COUNT_WORDS, *(plural(name) for name in SYNTHETIC_CLASSES)]
+    return [f"a photo of a {name}." for name in names] + [
+        "a photo of a wall, floor, bed and lamp",
+        f"a photo of a kitchen with {', '.join(words)} and walls",
+    ]
 
 
 def _clip_pre_tokenizer() -> Tokenizer:

@@ -10,10 +10,9 @@ import torch
 from PIL import Image
 
 from iedp.cli import main
-from iedp.models.guidance import ExplicitGuidance
 from iedp.pretrain import QUICK_CONFIG, PretrainConfig, cache_key, pipeline
-from iedp.pretrain.clip import recall_at
-from iedp.pretrain.data import SceneSet, caption, sample_caption, visible_classes
+from iedp.pretrain.clip import object_retrieval, recall_at
+from iedp.pretrain.data import SceneSet, caption, colour_name, sample_caption, visible_classes
 from iedp.pretrain.text_to_image import Conditioner
 from iedp.pretrain.vae import psnr, random_crops
 from iedp.weights import load_clip, load_stable_diffusion, make_tiny, resolve_weights
@@ -40,7 +39,7 @@ def report(pretrained) -> dict:
     return json.loads((pretrained / "report.json").read_text())
 
 
-@pytest.mark.parametrize("stage", ["vae", "clip", "unet"])
+@pytest.mark.parametrize("stage", ["vae", "clip", "unet", "classifier"])
 def test_stage_loss_falls(report, stage):
     losses = report["losses"][stage]
     assert len(losses) == getattr(QUICK_CONFIG, f"{stage}_steps")
@@ -52,6 +51,8 @@ def test_folder_loads_through_the_standard_loaders(pretrained, tmp_path):
     unet, vae = load_stable_diffusion(str(pretrained))
     vision, text, tokenizer = load_clip(str(pretrained / "clip"))
     assert unet.config.cross_attention_dim == vision.config.projection_dim == text.config.projection_dim == 32
+    # The UNet reads the text tower's last hidden states, as SD's reads CLIP ViT-L/14's (768 = 768).
+    assert text.config.hidden_size == unet.config.cross_attention_dim
     assert tokenizer("a photo of a kitchen").input_ids[0] == tokenizer.bos_token_id
     assert vae.config.scaling_factor == pytest.approx(report_scaling(pretrained))
     assert (pretrained / "scheduler" / "scheduler_config.json").is_file()
@@ -73,20 +74,44 @@ def report_scaling(folder: Path) -> float:
 def test_report_lists_the_evidence(pretrained, report):
     for key in ("psnr_vae", "psnr_mean_colour", "psnr_thumbnail", "chroma_ratio"):
         assert np.isfinite(report["vae"]["trained"][key]) and np.isfinite(report["vae"]["random_init"][key])
-    for key in ("zero_shot_accuracy", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"):
+    for key in (
+        "zero_shot_accuracy",
+        "i2t_r1",
+        "t2i_r1",
+        "i2t_r5",
+        "t2i_r5",
+        "object_p5",
+        "object_p5_chance",
+    ):
         assert 0 <= report["clip"]["trained"][key] <= 1
     assert report["clip"]["trained"]["gallery"] == QUICK_CONFIG.retrieval_gallery
     assert set(report["unet"]["denoising_mse"]) == {"caption", "scene_only", "empty", "wrong_scene"}
     assert 0 <= report["unet"]["sample_zero_shot_accuracy"] <= 1
+    assert 0 <= report["unet"]["sample_classifier_accuracy"] <= 1
+    assert 0 <= report["classifier"]["heldout_accuracy"] <= 1
+    assert (
+        json.loads((pretrained / "version.json").read_text())["key"]
+        == report["key"]
+        == cache_key(QUICK_CONFIG)
+    )
     assert report["config"] == dataclasses.asdict(QUICK_CONFIG)
     assert report["timings_s"]["total"] >= report["timings_s"]["vae"] > 0
     text = (pretrained / "report.md").read_text()
-    for phrase in ("PSNR", "zero-shot accuracy", "R@1", "noise-prediction MSE", "samples.png"):
+    for phrase in (
+        "PSNR",
+        "zero-shot accuracy",
+        "R@1",
+        "P@5",
+        "noise-prediction MSE",
+        "samples.png",
+        "classifier",
+    ):
         assert phrase in text
     grid = Image.open(pretrained / "samples.png")
     size = QUICK_CONFIG.unet_resolution
     assert grid.width == (1 + QUICK_CONFIG.samples_per_scene) * size  # a real scene, then the samples
     assert grid.height > 6 * size  # six scene types, each under its titles
+    assert Image.open(pretrained / "reconstructions.png").width == 8 * QUICK_CONFIG.resolution
 
 
 def test_resolve_weights_reuses_the_cache(pretrained, cache_dir, monkeypatch):
@@ -110,7 +135,7 @@ def test_cache_key_covers_versions_and_config(monkeypatch):
 def test_cli_writes_the_folder(tmp_path, capsys):
     assert main(["pretrain-tiny", str(tmp_path / "out"), "--quick"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "out")
-    for name in ("unet", "vae", "clip", "report.md", "report.json", "samples.png"):
+    for name in ("unet", "vae", "clip", "report.md", "report.json", "samples.png", "version.json"):
         assert (tmp_path / "out" / name).exists(), name
 
 
@@ -126,42 +151,55 @@ def _scene_set() -> SceneSet:
     label[5:] = 1  # floor
     label[6:9, 2:8] = 4  # table
     label[2:4, 2:3] = 7  # lamp, 2 pixels
+    label[2:4, 5:6] = 5  # chairs, 2 pixels
     return SceneSet(
         images=torch.zeros(1, 3, 10, 10, dtype=torch.uint8),
         scenes=["dining_room"],
         classes=[visible_classes(label)],
+        counts=[{"table": 1, "lamp": 1, "chair": 2}],
+        colours=[{"wall": "white", "floor": "brown", "table": "red", "lamp": "yellow", "chair": "blue"}],
     )
 
 
 def test_captions():
     scenes = _scene_set()
-    assert scenes.classes[0] == ["wall", "floor", "table", "lamp"]  # largest first, every class >= 0.5%
-    assert scenes.objects(0) == ["table", "lamp"]
+    assert scenes.classes[0] == ["wall", "floor", "table", "chair", "lamp"]  # largest first, each >= 0.5%
+    assert scenes.objects(0) == ["table", "chair", "lamp"]
+    assert scenes.phrases(0) == ["white walls", "a brown floor", "a red table", "two chairs", "a yellow lamp"]
     assert (
-        caption("kitchen", ["table", "chair", "lamp"])
-        == "a photo of a kitchen with a table, a chair and a lamp"
+        caption("kitchen", ["a red table", "two chairs"])
+        == "a photo of a kitchen with a red table and two chairs"
     )
     assert caption("living_room", []) == "a photo of a living room"
     rng = np.random.default_rng(0)
-    seen = set()
-    for _ in range(200):
-        text, named = sample_caption(scenes, 0, rng)
-        seen.add(text)
-        assert all(name in text for name in named)
-    assert {
-        "a photo of a dining room",
-        "a photo of a wall, floor, table and lamp",
-        "a photo of a dining room with a table and a lamp",
-        "a photo of a dining room with a lamp and a table",
-        "a photo of a dining room with a table",
-        "a photo of a dining room with a lamp",
-    } == seen
+    seen = {sample_caption(scenes, 0, rng) for _ in range(400)}
+    full = (
+        "a photo of a dining room with white walls, a brown floor, a red table, two chairs and a yellow lamp"
+    )
+    assert {full, "a photo of a dining room", "a photo of a wall, floor, table, chair and lamp"} < seen
+    assert "a photo of a dining room with two chairs" in seen  # a subset of the phrases
+    assert all(text.startswith("a photo of a") for text in seen)
+
+
+def test_colour_names():
+    assert colour_name((0.9, 0.1, 0.1)) == "red"
+    assert colour_name((0.1, 0.6, 0.1)) == "green"
+    assert colour_name((0.1, 0.2, 0.8)) == "blue"
+    assert colour_name((0.95, 0.95, 0.95)) == "white"
+    assert colour_name((0.5, 0.5, 0.5)) == "grey"
+    assert colour_name((0.05, 0.05, 0.05)) == "black"
+    assert colour_name((0.4, 0.25, 0.1)) == "brown"
 
 
 def test_pure_functions():
     similarity = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.2, 0.1], [0.0, 0.1, 0.5]])
     assert recall_at(similarity, 1) == pytest.approx(2 / 3)  # row 1 ranks its own column second
     assert recall_at(similarity, 2) == pytest.approx(1.0)
+    # object 0 is in images 0 and 2, object 1 in image 1, object 2 nowhere (left out)
+    contains = torch.tensor([[True, False, True], [False, True, False], [False, False, False]])
+    precision, chance = object_retrieval(similarity, contains, k=2)
+    assert precision == pytest.approx((1 / 2 + 1 / 2) / 2)  # object 0: images 0, 1; object 1: images 1, 2
+    assert chance == pytest.approx((2 / 3 + 1 / 3) / 2)
     images = torch.zeros(1, 3, 4, 4)
     assert psnr(images + 0.2, images).item() == pytest.approx(10 * np.log10(4 / 0.04))
     crops = random_crops(
@@ -170,13 +208,10 @@ def test_pure_functions():
     assert crops.shape == (2, 3, 4, 4)
 
 
-def test_conditioner_pads_the_class_tokens(pretrained):
+def test_conditioner_gives_the_last_hidden_states(pretrained):
     _, text, tokenizer = load_clip(str(pretrained / "clip"))
-    conditioner = Conditioner(ExplicitGuidance(text, tokenizer), "a photo of a {}.", object_tokens=True)
-    context, mask = conditioner(
-        ["a photo of a kitchen", "a photo of a wall, floor and lamp"], [[], ["wall", "lamp"]]
-    )
-    assert context.shape == (2, 3, 32) and mask.tolist() == [[1, 0, 0], [1, 1, 1]]
-    assert torch.equal(context[1, 2], conditioner.class_tokens[7])  # lamp
-    plain = Conditioner(ExplicitGuidance(text, tokenizer), "a photo of a {}.", object_tokens=False)
-    assert plain(["a photo of a kitchen"], [["lamp"]])[0].shape == (1, 1, 32)
+    conditioner = Conditioner(text, tokenizer)
+    context = conditioner(["a photo of a kitchen", "a photo of a wall, floor and lamp"])
+    assert context.shape == (2, tokenizer.model_max_length, text.config.hidden_size) == (2, 77, 32)
+    tokens = tokenizer(["a photo of a kitchen"], padding="max_length", max_length=77, return_tensors="pt")
+    assert torch.allclose(context[:1], text.text_model(input_ids=tokens.input_ids).last_hidden_state)

@@ -1,8 +1,8 @@
 """Stage (b): the tiny CLIP, trained contrastively on (rendered image, caption) pairs, and its zero-shot figures.
 
 Images reach CLIP exactly as IEDP's implicit branch gives them (:meth:`ImplicitGuidance.preprocess`: the
-whole view resized to CLIP's input size), and the figures are computed through IEDP's own guidance modules,
-so they measure the embeddings IEDP will use.
+whole view resized to CLIP's input size), and prompts are tokenized as the explicit branch does (padded to 77
+positions), so the figures measure the towers IEDP will use.
 """
 
 from __future__ import annotations
@@ -10,13 +10,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CLIPModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers import (
+    CLIPModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
 
 from iedp.data.prompts import scene_prompt
-from iedp.data.synthetic import SYNTHETIC_SCENES
-from iedp.models.guidance import ExplicitGuidance, ImplicitGuidance
+from iedp.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_SCENES
+from iedp.models.guidance import ImplicitGuidance
 from iedp.pretrain.config import PretrainConfig
-from iedp.pretrain.data import SceneSet, canonical_caption, sample_caption
+from iedp.pretrain.data import ROOM_SURFACES, SceneSet, canonical_caption, sample_caption
 from iedp.pretrain.loop import fit
 
 
@@ -53,7 +58,7 @@ def train_clip(
         index = torch.randperm(len(scenes), generator=generator)[:batch]
         flips = torch.rand(batch, generator=generator).lt(0.5).view(-1, 1, 1, 1)
         images = torch.where(flips, pixels[index].flip(-1), pixels[index])
-        captions = [sample_caption(scenes, i, rng)[0] for i in index.tolist()]
+        captions = [sample_caption(scenes, i, rng) for i in index.tolist()]
         # Causal attention: padding after the end token changes nothing, so pad to the batch's longest only.
         tokens = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
         return clip(
@@ -78,30 +83,50 @@ def train_clip(
     return losses
 
 
-@torch.no_grad()
-def image_embeddings(implicit: ImplicitGuidance, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Unit-norm projected image embeddings (N, D) of float images (N, 3, H, W) in [-1, 1]."""
-    embeds = torch.cat(
-        [implicit(images[start : start + batch])[:, 0] for start in range(0, len(images), batch)]
-    )
-    return F.normalize(embeds, dim=-1)
+class ClipScorer:
+    """Unit-norm projected embeddings of images and prompts from a CLIP's two towers (frozen)."""
 
+    def __init__(
+        self,
+        vision: CLIPVisionModelWithProjection,
+        text: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+    ) -> None:
+        self.vision = vision.requires_grad_(False).eval()
+        self.text = text.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.preprocess = ImplicitGuidance(CLIPVisionModelWithProjection(vision.config)).preprocess
 
-@torch.no_grad()
-def text_embeddings(explicit: ExplicitGuidance, prompts: list[str], batch: int = 256) -> torch.Tensor:
-    """Unit-norm projected text embeddings (N, D), as the explicit branch computes them."""
-    embeds = torch.cat(
-        [explicit.embed(prompts[start : start + batch]) for start in range(0, len(prompts), batch)]
-    )
-    return F.normalize(embeds, dim=-1)
+    @torch.no_grad()
+    def images(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+        """(N, D) of float images (N, 3, H, W) in [-1, 1]."""
+        embeds = [
+            self.vision(pixel_values=self.preprocess(images[start : start + batch])).image_embeds
+            for start in range(0, len(images), batch)
+        ]
+        return F.normalize(torch.cat(embeds), dim=-1)
 
+    @torch.no_grad()
+    def prompts(self, prompts: list[str], batch: int = 256) -> torch.Tensor:
+        """(N, D) of prompts, tokenized as the explicit branch does (padded to the tokenizer's max length)."""
+        embeds = []
+        for start in range(0, len(prompts), batch):
+            tokens = self.tokenizer(
+                prompts[start : start + batch],
+                padding="max_length",
+                truncation=True,
+                max_length=self.tokenizer.model_max_length,
+                return_tensors="pt",
+            )
+            embeds.append(
+                self.text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).text_embeds
+            )
+        return F.normalize(torch.cat(embeds), dim=-1)
 
-def zero_shot_scenes(
-    implicit: ImplicitGuidance, explicit: ExplicitGuidance, images: torch.Tensor
-) -> torch.Tensor:
-    """Scene-type index (N,) of each image: the nearest of the prompts "a photo of a {scene}"."""
-    prompts = text_embeddings(explicit, [scene_prompt(scene) for scene in SYNTHETIC_SCENES])  # (K, D)
-    return (image_embeddings(implicit, images) @ prompts.T).argmax(dim=1)
+    def zero_shot_scenes(self, images: torch.Tensor) -> torch.Tensor:
+        """Scene-type index (N,) of each image: the nearest of the prompts "a photo of a {scene}"."""
+        prompts = self.prompts([scene_prompt(scene) for scene in SYNTHETIC_SCENES])  # (K, D)
+        return (self.images(images) @ prompts.T).argmax(dim=1)
 
 
 def recall_at(similarity: torch.Tensor, k: int) -> float:
@@ -110,21 +135,33 @@ def recall_at(similarity: torch.Tensor, k: int) -> float:
     return (ranks == torch.arange(len(similarity)).unsqueeze(1)).any(dim=1).float().mean().item()
 
 
+def object_retrieval(similarity: torch.Tensor, contains: torch.Tensor, k: int = 5) -> tuple[float, float]:
+    """Per-object retrieval: for each object (row of ``similarity`` (C, N), its prompt against N images), the
+    share of its ``k`` most similar images that contain it (``contains`` (C, N) bool); mean over the objects
+    some image contains. Returns it and chance (the mean share of images containing each object)."""
+    present = contains.any(dim=1)
+    top = similarity.topk(k, dim=1).indices  # (C, k)
+    hits = contains.gather(1, top).float().mean(dim=1)
+    return hits[present].mean().item(), contains[present].float().mean(dim=1).mean().item()
+
+
 @torch.no_grad()
 def evaluate_clip(
-    implicit: ImplicitGuidance, explicit: ExplicitGuidance, scenes: SceneSet, gallery: int
+    scorer: ClipScorer, scenes: SceneSet, gallery: int, template: str = "a photo of a {}."
 ) -> dict[str, float]:
-    """Zero-shot scene accuracy and image<->caption retrieval on ``scenes`` (held out).
+    """Zero-shot scene accuracy, image<->caption retrieval and per-object retrieval on ``scenes`` (held out).
 
-    Retrieval: the scenes are cut into consecutive galleries of ``gallery`` images and their canonical captions
-    (every visible object, largest first; a trailing partial gallery is dropped); recall@k is averaged over
-    the galleries, in both directions. Chance is 1/6 for the accuracy and k/``gallery`` for recall@k.
+    Caption retrieval: the scenes are cut into consecutive galleries of ``gallery`` images and their canonical
+    captions (every visible class with its colour or count; a trailing partial gallery is dropped); recall@k is
+    averaged over the galleries, in both directions. Object retrieval: ``template`` of each furniture class
+    against all the scenes, precision of the 5 nearest (see :func:`object_retrieval`). Chance is 1/6 for the
+    accuracy, k/``gallery`` for recall@k and the objects' prevalence for object retrieval.
     """
     images = scenes.float_images(slice(None))
     truth = torch.tensor([SYNTHETIC_SCENES.index(scene) for scene in scenes.scenes])
-    accuracy = (zero_shot_scenes(implicit, explicit, images) == truth).float().mean().item()
-    image_embeds = image_embeddings(implicit, images)
-    text_embeds = text_embeddings(explicit, [canonical_caption(scenes, i) for i in range(len(scenes))])
+    accuracy = (scorer.zero_shot_scenes(images) == truth).float().mean().item()
+    image_embeds = scorer.images(images)
+    text_embeds = scorer.prompts([canonical_caption(scenes, i) for i in range(len(scenes))])
     figures = {"i2t_r1": 0.0, "i2t_r5": 0.0, "t2i_r1": 0.0, "t2i_r5": 0.0}
     num_galleries = len(scenes) // gallery
     for start in range(0, num_galleries * gallery, gallery):
@@ -132,4 +169,15 @@ def evaluate_clip(
         for k in (1, 5):
             figures[f"i2t_r{k}"] += recall_at(similarity, k) / num_galleries
             figures[f"t2i_r{k}"] += recall_at(similarity.T, k) / num_galleries
-    return {"zero_shot_accuracy": accuracy, **figures, "gallery": gallery, "num_scenes": len(scenes)}
+    objects = [name for name in SYNTHETIC_CLASSES if name not in ROOM_SURFACES]
+    contains = torch.tensor([[name in classes for classes in scenes.classes] for name in objects])
+    object_similarity = scorer.prompts([template.format(name) for name in objects]) @ image_embeds.T
+    object_p5, object_chance = object_retrieval(object_similarity, contains, k=min(5, len(scenes)))
+    return {
+        "zero_shot_accuracy": accuracy,
+        **figures,
+        "object_p5": object_p5,
+        "object_p5_chance": object_chance,
+        "gallery": gallery,
+        "num_scenes": len(scenes),
+    }

@@ -1,7 +1,7 @@
 """Settings of the miniature pre-training (tiny VAE, CLIP and text-to-image UNet on synthetic scenes).
 
-The defaults fit in about 6-8 minutes on a 2-core CPU; :data:`QUICK_CONFIG` runs every stage for a few steps
-in seconds, for tests. Every field is part of the cache key of ``resolve_weights("tiny-pretrained")``.
+The defaults take about 30-45 minutes on one CPU core (the world they build ships with the package, so users
+never wait for it); :data:`QUICK_CONFIG` runs every stage for a few steps in seconds, for tests. Every field is part of the cache key of ``resolve_weights("tiny-pretrained")``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ class PretrainConfig:
     seed: int = 0  # seeds make_tiny's initialisation and each stage's batches, noise and captions
     data_seed: int = 1  # SyntheticScenes seed of these scenes (the demo's is 0: they never overlap)
     resolution: int = 128  # render size of every scene, the demo's; the VAE and UNet are convolutional
-    num_train: int = 3000  # training scenes, rendered once and kept in memory
+    num_train: int = 2000  # training scenes, rendered once and kept in memory
     num_heldout: int = 240  # held-out scenes (split "val" of data_seed) for the report's figures
 
     # shared by the three optimisers: AdamW, linear warm-up then cosine decay, gradient norm clipped to 1
@@ -26,30 +26,36 @@ class PretrainConfig:
     log_every: int = 25  # log the mean loss every this many steps
 
     # (a) VAE: reconstruction (MSE) + a small KL term, on random crops
-    vae_steps: int = 1000
+    vae_steps: int = 500
     vae_batch: int = 8
     vae_crop: int = 64  # side of the random square crops (a multiple of the VAE's factor 8)
     vae_lr: float = 4e-3
     vae_kl_weight: float = 1e-4  # on the KL divergence per latent element (the MSE is per pixel value)
+    vae_chroma_weight: float = 2.0  # on the MSE of the chroma (pixel minus its grey): colour is learnt early
 
     # (b) CLIP: symmetric InfoNCE on (image, caption) pairs, images resized as the implicit branch does
-    clip_steps: int = 1200
-    clip_batch: int = 128
+    clip_steps: int = 600
+    clip_batch: int = 96
     clip_lr: float = 2e-3
 
     # (c) UNet: latent text-to-image diffusion, epsilon prediction, SD's scaled-linear DDPM schedule
-    unet_steps: int = 900
-    unet_batch: int = 32
+    unet_steps: int = 1000
+    unet_batch: int = 16
     unet_lr: float = 2e-3
     unet_resolution: int = 128  # image size whose latents the UNet is trained on (renders are resized)
     snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); None: plain MSE
     caption_dropout: float = 0.1  # share of captions replaced by "" (unconditional, for guidance)
-    object_tokens: bool = True  # context = caption token + one class token per class the caption names
-    class_template: str = "a photo of a {}."  # prompt of a class token, as IEDP's class-token bank
+
+    # (d) the independent scene classifier that judges the UNet's samples (a small CNN, not CLIP)
+    classifier_steps: int = 300
+    classifier_batch: int = 64
+    classifier_lr: float = 2e-3
+    classifier_resolution: int = 64  # images (real renders and samples) are area-resized to this
 
     # report
     retrieval_gallery: int = 48  # images (and captions) per retrieval gallery; chance recall@1 = 1 / this
-    denoise_draws: int = 4  # (noise, timestep) draws per held-out scene for the denoising-loss comparison
+    object_template: str = "a photo of a {}."  # per-object retrieval prompt, as IEDP's class tokens
+    denoise_draws: int = 2  # (noise, timestep) draws per held-out scene for the denoising-loss comparison
     samples_per_scene: int = 8  # generated images per scene type (grid columns, zero-shot check)
     sample_steps: int = 25  # DDIM sampling steps
     guidance_scale: float = 5.0  # classifier-free guidance of the samples
@@ -61,6 +67,7 @@ class PretrainConfig:
             "vae_batch",
             "clip_batch",
             "unet_batch",
+            "classifier_batch",
             "retrieval_gallery",
         ):
             if getattr(self, name) < 1:
@@ -95,6 +102,9 @@ QUICK_CONFIG = PretrainConfig(
     unet_steps=12,
     unet_batch=8,
     unet_resolution=64,
+    classifier_steps=12,
+    classifier_batch=16,
+    classifier_resolution=32,
     retrieval_gallery=12,
     denoise_draws=1,
     samples_per_scene=2,

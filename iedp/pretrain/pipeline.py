@@ -5,7 +5,12 @@ in order: (a) the VAE, (b) CLIP, (c) the UNet as a text-to-image model on (a)'s 
 Each part is saved in its standard format as soon as it is trained, and read back through the project's
 loaders (``load_clip``) before the next stage uses it, so the folder works as ``model.weights`` like any
 SD + CLIP folder: ``unet/``, ``vae/`` (diffusers), ``clip/`` (transformers, with the tokenizer), plus
-``scheduler/`` (the training noise schedule) and the report (``report.md``, ``report.json``, ``samples.png``).
+``scheduler/`` (the training noise schedule), the report (``report.md``, ``report.json``, ``samples.png``) and
+``version.json`` (the cache key, see :func:`cache_key`).
+
+The world built with :data:`DEFAULT_CONFIG` ships inside the package (``iedp/resources/tiny_world``), so
+``resolve_weights("tiny-pretrained")`` needs no pre-training; it is used only while its ``version.json`` key
+matches :func:`cache_key` of the current code, and otherwise rebuilt into the cache (with a warning).
 """
 
 from __future__ import annotations
@@ -20,23 +25,24 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTokenizer
 
 from iedp.data.prompts import scene_prompt
-from iedp.data.synthetic import RENDERER_VERSION, SYNTHETIC_SCENES
-from iedp.models.guidance import ExplicitGuidance, ImplicitGuidance
-from iedp.pretrain.clip import evaluate_clip, train_clip, zero_shot_scenes
+from iedp.data.synthetic import RENDERER_VERSION, SYNTHETIC_SCENES, render_scene
+from iedp.pretrain.classifier import classify, scene_classifier, train_classifier
+from iedp.pretrain.clip import ClipScorer, evaluate_clip, train_clip
 from iedp.pretrain.config import PretrainConfig
 from iedp.pretrain.data import SceneSet, render_scenes
-from iedp.pretrain.report import sample_grid, to_uint8, write_report
+from iedp.pretrain.report import reconstruction_grid, sample_grid, to_uint8, write_report
 from iedp.pretrain.text_to_image import Conditioner, denoising_losses, generate, noise_scheduler, train_unet
 from iedp.pretrain.vae import encode_latents, evaluate_vae, latent_scaling_factor, train_vae
 from iedp.weights import TINY_VERSION, build_cached, cache_root, load_clip, load_stable_diffusion, make_tiny
 
 logger = logging.getLogger(__name__)
 
-PRETRAIN_VERSION = "1"
+PRETRAIN_VERSION = "2"
 """Bump whenever the same config trains different weights (part of the cache key)."""
 
 DEFAULT_CONFIG = PretrainConfig()
@@ -48,22 +54,58 @@ DEFAULT_CONFIG = PretrainConfig()
 _NUM_THREADS = 1
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "resources" / "tiny_world"
+"""The world pre-trained with :data:`DEFAULT_CONFIG`, shipped with the package."""
+
+
+def render_fingerprint() -> str:
+    """16 hex digits of a hash of a few small renders (pixels, labels, depth): changes whenever the renderer
+    draws differently, even if nobody bumped ``RENDERER_VERSION``."""
+    digest = hashlib.sha256()
+    for seed in range(4):
+        sample = render_scene(seed, 24, 32)
+        for array in (sample.rgb, sample.label, np.round(sample.depth, 3)):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_key(config: PretrainConfig) -> str:
-    """12 hex digits of a hash of the tiny preset's, the renderer's and this code's versions and ``config``."""
+    """12 hex digits of a hash of the tiny preset's, the renderer's and this code's versions, a fingerprint of
+    the renderer's output and ``config``."""
     payload = {
         "tiny": TINY_VERSION,
         "renderer": RENDERER_VERSION,
         "pretrain": PRETRAIN_VERSION,
+        "render_fingerprint": render_fingerprint(),
         "config": dataclasses.asdict(config),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def stored_key(folder: Path) -> str | None:
+    """The cache key in ``folder/version.json``, or None when there is none."""
+    path = folder / "version.json"
+    return json.loads(path.read_text(encoding="utf-8"))["key"] if path.is_file() else None
+
+
 def pretrained_tiny_dir(config: PretrainConfig | None = None) -> Path:
-    """The pre-trained tiny weights, ``cache_root()/tiny-pretrained-<key>``, built by :func:`pretrain_tiny` on
-    first use (``config`` defaults to :data:`DEFAULT_CONFIG`)."""
+    """The pre-trained tiny weights: the shipped world (:data:`SHIPPED_DIR`) when ``config`` is
+    :data:`DEFAULT_CONFIG` and the shipped key matches, else ``cache_root()/tiny-pretrained-<key>``, built by
+    :func:`pretrain_tiny` on first use (``config`` defaults to :data:`DEFAULT_CONFIG`)."""
     config = config or DEFAULT_CONFIG
-    target = cache_root() / f"tiny-pretrained-{cache_key(config)}"
+    key = cache_key(config)
+    if config == DEFAULT_CONFIG:
+        shipped = stored_key(SHIPPED_DIR)
+        if shipped == key:
+            return SHIPPED_DIR
+        logger.warning(
+            "the shipped tiny world (%s) has key %s, not %s of the current preset, renderer and pre-training "
+            "code: pre-training it again into the cache (about 45 minutes on one CPU core)",
+            SHIPPED_DIR,
+            shipped,
+            key,
+        )
+    target = cache_root() / f"tiny-pretrained-{key}"
     return build_cached(target, lambda folder: pretrain_tiny(folder, config), "the pre-trained tiny weights")
 
 
@@ -103,28 +145,42 @@ def _pretrain(out: Path, config: PretrainConfig) -> Path:
     vae_report, latents = _vae_stage(vae, train, heldout, config, out)
     clock = lap("vae", clock)
 
-    implicit, explicit, clip_report = _clip_stage(train, heldout, config, out)
+    scorer, clip_report = _clip_stage(train, heldout, config, out)
     clock = lap("clip", clock)
 
-    conditioner = Conditioner(explicit, config.class_template, config.object_tokens)
+    conditioner = Conditioner(scorer.text, scorer.tokenizer)
     unet_losses = train_unet(unet, latents, vae.config.scaling_factor, train, conditioner, config)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     noise_scheduler().save_pretrained(out / "scheduler")
     clock = lap("unet", clock)
 
-    unet_report = _evaluate_unet(unet, vae, implicit, conditioner, heldout, config, out)
+    classifier, classifier_report = _classifier_stage(vae, train, heldout, config)
+    clock = lap("classifier", clock)
+
+    unet_report = _evaluate_unet(unet, vae, scorer, classifier, conditioner, heldout, config, out)
     lap("evaluation", clock)
     timings["total"] = time.perf_counter() - start
 
-    report = {
+    version = {
         "key": cache_key(config),
         "versions": {"tiny": TINY_VERSION, "renderer": RENDERER_VERSION, "pretrain": PRETRAIN_VERSION},
+        "render_fingerprint": render_fingerprint(),
+    }
+    (out / "version.json").write_text(json.dumps(version, indent=1) + "\n", encoding="utf-8")
+    report = {
+        **version,
         "config": dataclasses.asdict(config),
         "timings_s": timings,
         "vae": vae_report,
         "clip": clip_report,
         "unet": unet_report,
-        "losses": {"vae": vae_report.pop("losses"), "clip": clip_report.pop("losses"), "unet": unet_losses},
+        "classifier": classifier_report,
+        "losses": {
+            "vae": vae_report.pop("losses"),
+            "clip": clip_report.pop("losses"),
+            "unet": unet_losses,
+            "classifier": classifier_report.pop("losses"),
+        },
     }
     write_report(out, report)
     logger.info(
@@ -140,12 +196,17 @@ def _vae_stage(
     random_init = evaluate_vae(vae, heldout)
     losses = train_vae(vae, train, config)
     trained = evaluate_vae(vae, heldout)
+    with torch.no_grad():
+        inputs = heldout.float_images(slice(0, 8))
+        reconstructions = vae.decode(vae.encode(inputs).latent_dist.mean).sample.clamp(-1, 1)
+    reconstruction_grid(inputs, reconstructions).save(out / "reconstructions.png")
     latents = encode_latents(vae, train, config.unet_resolution)
     vae.register_to_config(scaling_factor=latent_scaling_factor(latents[0]))
     vae.save_pretrained(out / "vae", safe_serialization=True)
     logger.info(
-        "vae: held-out PSNR %.2f dB (random init %.2f, mean colour %.2f, thumbnail %.2f)",
+        "vae: held-out PSNR %.2f dB, chroma ratio %.2f (random init %.2f dB, mean colour %.2f, thumbnail %.2f)",
         trained["psnr_vae"],
+        trained["chroma_ratio"],
         random_init["psnr_vae"],
         trained["psnr_mean_colour"],
         trained["psnr_thumbnail"],
@@ -161,22 +222,25 @@ def _vae_stage(
 
 def _clip_stage(
     train: SceneSet, heldout: SceneSet, config: PretrainConfig, out: Path
-) -> tuple[ImplicitGuidance, ExplicitGuidance, dict[str, Any]]:
-    """Train and save CLIP; returns IEDP's two guidance branches on the saved towers, and the CLIP report."""
+) -> tuple[ClipScorer, dict[str, Any]]:
+    """Train and save CLIP; returns a scorer on the saved towers (read back by ``load_clip``) and the report."""
     clip_dir = out / "clip"
-    random_init = evaluate_clip(*_guidance(clip_dir), heldout, config.retrieval_gallery)
+    random_init = evaluate_clip(_scorer(clip_dir), heldout, config.retrieval_gallery, config.object_template)
     clip = CLIPModel.from_pretrained(clip_dir)
     losses = train_clip(clip, CLIPTokenizer.from_pretrained(clip_dir), train, config)
     clip.save_pretrained(clip_dir, safe_serialization=True)
-    implicit, explicit = _guidance(clip_dir)
-    trained = evaluate_clip(implicit, explicit, heldout, config.retrieval_gallery)
+    scorer = _scorer(clip_dir)
+    trained = evaluate_clip(scorer, heldout, config.retrieval_gallery, config.object_template)
     logger.info(
-        "clip: held-out zero-shot scene accuracy %.3f (random init %.3f, chance %.3f), recall@1 i2t %.3f t2i %.3f",
+        "clip: held-out zero-shot scene accuracy %.3f (random init %.3f, chance %.3f), recall@1 i2t %.3f t2i %.3f, "
+        "object precision@5 %.3f (chance %.3f)",
         trained["zero_shot_accuracy"],
         random_init["zero_shot_accuracy"],
         1 / len(SYNTHETIC_SCENES),
         trained["i2t_r1"],
         trained["t2i_r1"],
+        trained["object_p5"],
+        trained["object_p5_chance"],
     )
     report = {
         "random_init": random_init,
@@ -184,29 +248,57 @@ def _clip_stage(
         "num_scene_types": len(SYNTHETIC_SCENES),
         "losses": losses,
     }
-    return implicit, explicit, report
+    return scorer, report
 
 
-def _guidance(clip_dir: Path) -> tuple[ImplicitGuidance, ExplicitGuidance]:
-    """IEDP's implicit and explicit branches on the CLIP saved in ``clip_dir``, read by ``load_clip``."""
-    vision, text, tokenizer = load_clip(str(clip_dir))
-    return ImplicitGuidance(vision), ExplicitGuidance(text, tokenizer)
+def _scorer(clip_dir: Path) -> ClipScorer:
+    """A :class:`ClipScorer` on the CLIP saved in ``clip_dir``, read by ``load_clip``."""
+    return ClipScorer(*load_clip(str(clip_dir)))
+
+
+def _scene_indices(scenes: SceneSet) -> torch.Tensor:
+    return torch.tensor([SYNTHETIC_SCENES.index(scene) for scene in scenes.scenes])
+
+
+def _classifier_stage(
+    vae: AutoencoderKL, train: SceneSet, heldout: SceneSet, config: PretrainConfig
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train the independent scene classifier on the real training renders; report its held-out accuracy on
+    real renders and on their VAE reconstructions at ``unet_resolution`` (what the samples are)."""
+    size = config.classifier_resolution
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        classifier = scene_classifier()
+    losses = train_classifier(
+        classifier, train.float_images(slice(None), size), _scene_indices(train), config
+    )
+    truth = _scene_indices(heldout)
+    real = (classify(classifier, heldout.float_images(slice(None), size)) == truth).float().mean().item()
+    with torch.no_grad():
+        latents, _ = encode_latents(vae, heldout, config.unet_resolution)
+        decoded = torch.cat([vae.decode(latents[i : i + 32]).sample for i in range(0, len(latents), 32)])
+    decoded = F.interpolate(decoded.clamp(-1, 1), size=(size, size), mode="area")
+    through_vae = (classify(classifier, decoded) == truth).float().mean().item()
+    logger.info("classifier: held-out accuracy %.3f on renders, %.3f through the VAE", real, through_vae)
+    return classifier, {"heldout_accuracy": real, "heldout_vae_accuracy": through_vae, "losses": losses}
 
 
 @torch.no_grad()
 def _evaluate_unet(
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,
-    implicit: ImplicitGuidance,
+    scorer: ClipScorer,
+    classifier: torch.nn.Module,
     conditioner: Conditioner,
     heldout: SceneSet,
     config: PretrainConfig,
     out: Path,
 ) -> dict[str, Any]:
-    """The UNet's figures (denoising MSE by context, zero-shot scene accuracy of its samples) and samples.png.
+    """The UNet's figures (denoising MSE by context; the scene type of its samples, by the independent classifier
+    and by CLIP) and samples.png.
 
-    The samples' accuracy is read against the same CLIP on real held-out scenes passed through the VAE, since
-    the samples are decoded by it too.
+    CLIP's verdict is read against the same CLIP on real held-out scenes passed through the VAE, since the
+    samples are decoded by it too.
     """
     size, scaling_factor = config.unet_resolution, vae.config.scaling_factor
     heldout_latents, _ = encode_latents(vae, heldout, size)
@@ -225,23 +317,28 @@ def _evaluate_unet(
         config.guidance_scale,
         config.seed,
     )
-    explicit = conditioner.explicit
     intended = torch.arange(len(SYNTHETIC_SCENES)).repeat_interleave(config.samples_per_scene)
-    sample_accuracy = (zero_shot_scenes(implicit, explicit, samples) == intended).float().mean().item()
+    small = F.interpolate(samples, size=(config.classifier_resolution,) * 2, mode="area")
+    classifier_accuracy = (classify(classifier, small) == intended).float().mean().item()
+    sample_accuracy = (scorer.zero_shot_scenes(samples) == intended).float().mean().item()
     reconstructions = vae.decode(heldout_latents).sample.clamp(-1, 1)
-    truth = torch.tensor([SYNTHETIC_SCENES.index(scene) for scene in heldout.scenes])
     reconstruction_accuracy = (
-        (zero_shot_scenes(implicit, explicit, reconstructions) == truth).float().mean().item()
+        (scorer.zero_shot_scenes(reconstructions) == _scene_indices(heldout)).float().mean().item()
     )
     sample_grid(_grid_rows(samples, heldout, config)).save(out / "samples.png")
     logger.info(
-        "unet: CLIP finds the prompted scene in %.3f of the samples (%.3f of VAE-decoded real scenes)",
+        "unet: MSE own caption %.4f vs another scene's %.4f; the classifier finds the prompted scene in %.3f of "
+        "the samples, CLIP in %.3f (%.3f of VAE-decoded real scenes)",
+        denoising["caption"],
+        denoising["wrong_scene"],
+        classifier_accuracy,
         sample_accuracy,
         reconstruction_accuracy,
     )
     return {
         "denoising_mse": denoising,
         "samples_per_scene": config.samples_per_scene,
+        "sample_classifier_accuracy": classifier_accuracy,
         "sample_zero_shot_accuracy": sample_accuracy,
         "reconstruction_zero_shot_accuracy": reconstruction_accuracy,
     }

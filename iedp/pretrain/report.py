@@ -35,6 +35,19 @@ def sample_grid(rows: Sequence[tuple[str, np.ndarray, Sequence[np.ndarray]]]) ->
     return grid
 
 
+def reconstruction_grid(inputs: torch.Tensor, reconstructions: torch.Tensor) -> Image.Image:
+    """Float (B, 3, H, W) inputs in a titled row above their reconstructions, on white."""
+    count = len(inputs)
+    strips = [
+        panel(to_uint8(inputs), ["input"] * count),
+        panel(to_uint8(reconstructions), ["VAE reconstruction"] * count),
+    ]
+    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), BACKGROUND)
+    grid.paste(strips[0], (0, 0))
+    grid.paste(strips[1], (0, strips[0].height))
+    return grid
+
+
 def loss_summary(losses: Sequence[float]) -> tuple[float, float]:
     """Mean loss of the first and of the last tenth of the steps (at least one step each)."""
     span = max(1, len(losses) // 10)
@@ -63,10 +76,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Timings (seconds)",
         "",
-        "| render | VAE | CLIP | UNet | evaluation and report | total |",
-        "|---|---|---|---|---|---|",
+        "| render | VAE | CLIP | UNet | scene classifier | evaluation and report | total |",
+        "|---|---|---|---|---|---|---|",
         f"| {timings['render']:.0f} | {timings['vae']:.0f} | {timings['clip']:.0f} | {timings['unet']:.0f} "
-        f"| {timings['evaluation']:.0f} | {timings['total']:.0f} |",
+        f"| {timings.get('classifier', 0):.0f} | {timings['evaluation']:.0f} | {timings['total']:.0f} |",
         "",
         "## Training losses (mean of the first / last tenth of the steps)",
         "",
@@ -88,29 +101,36 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Colour kept (chroma energy of the reconstructions / of the inputs): "
         f"{vae['trained']['chroma_ratio']:.2f}. Latent scaling factor (1 / std of the training latents, saved in "
-        f"vae/config.json): {vae['scaling_factor']:.4f}.",
+        f"vae/config.json): {vae['scaling_factor']:.4f}. Random-init VAE: "
+        f"{vae['random_init']['chroma_ratio']:.2f}. Grid: `reconstructions.png` (held-out inputs above, their "
+        "reconstructions below).",
         "",
         "## (b) CLIP: zero-shot scene type and image <-> caption retrieval",
         "",
         f'Zero-shot: nearest of the {clip["num_scene_types"]} prompts "a photo of a {{scene}}" (chance '
         f"{1 / clip['num_scene_types']:.3f}). Retrieval: galleries of {clip['trained']['gallery']} held-out "
-        f'images and their captions ("a photo of a kitchen with a refrigerator, a cabinet and a sink"; chance '
-        f"recall@1 {1 / clip['trained']['gallery']:.3f}), averaged over "
-        f"{clip['trained']['num_scenes'] // clip['trained']['gallery']} galleries.",
+        f'images and their captions ("a photo of a kitchen with white walls, a brown floor, a grey refrigerator and '
+        f'two cabinets"; chance recall@1 {1 / clip["trained"]["gallery"]:.3f}), averaged over '
+        f"{clip['trained']['num_scenes'] // clip['trained']['gallery']} galleries. Object retrieval (P@5): for each "
+        f'of the 16 furniture classes, the share of the 5 held-out images nearest to "{config["object_template"].format("{object}")}" '
+        f"that contain it, averaged over the classes (chance: their prevalence, "
+        f"{clip['trained']['object_p5_chance']:.3f}).",
         "",
-        "| CLIP | zero-shot accuracy | image->text R@1 | text->image R@1 | image->text R@5 | text->image R@5 |",
-        "|---|---|---|---|---|---|",
+        "| CLIP | zero-shot accuracy | image->text R@1 | text->image R@1 | image->text R@5 | text->image R@5 "
+        "| object P@5 |",
+        "|---|---|---|---|---|---|---|",
         *[
             f"| {name} | {figures['zero_shot_accuracy']:.3f} | {figures['i2t_r1']:.3f} | {figures['t2i_r1']:.3f} "
-            f"| {figures['i2t_r5']:.3f} | {figures['t2i_r5']:.3f} |"
+            f"| {figures['i2t_r5']:.3f} | {figures['t2i_r5']:.3f} | {figures['object_p5']:.3f} |"
             for name, figures in (("pre-trained", clip["trained"]), ("random init", clip["random_init"]))
         ],
         "",
         "## (c) UNet: text-to-image diffusion",
         "",
-        "Held-out noise-prediction MSE on the same noise and timesteps, by context (lower is better). The "
-        "differences are small, as most of the noise is read from the noisy latent itself; a UNet that uses the "
-        "text does worst with the caption of another scene type.",
+        "Held-out noise-prediction MSE on the same noise and timesteps, by context (lower is better); the context "
+        "is the text tower's last hidden states (77 tokens), as in Stable Diffusion. A UNet that uses the text "
+        f"does worst with the caption of another scene type: here own caption "
+        f"{100 * (1 - unet['denoising_mse']['caption'] / unet['denoising_mse']['wrong_scene']):.1f}% lower.",
         "",
         "| own caption | scene only | empty caption | caption of another scene type |",
         "|---|---|---|---|",
@@ -119,6 +139,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f'Generated images: {unet["samples_per_scene"]} per scene type from "a photo of a {{scene}}" '
         f"({config['sample_steps']} DDIM steps, guidance scale {config['guidance_scale']}), decoded by the VAE. "
+        f"An independent scene classifier (a small CNN trained on the training renders, no CLIP; held-out "
+        f"accuracy {report['classifier']['heldout_accuracy']:.3f} on renders, "
+        f"{report['classifier']['heldout_vae_accuracy']:.3f} through the VAE) classifies "
+        f"**{unet['sample_classifier_accuracy']:.3f}** of them as the prompted scene type. "
         f"The pre-trained CLIP classifies {unet['sample_zero_shot_accuracy']:.3f} of them as the prompted scene "
         f"type (chance {1 / clip['num_scene_types']:.3f}; real held-out scenes: "
         f"{clip['trained']['zero_shot_accuracy']:.3f} as rendered, "

@@ -1,11 +1,10 @@
 """Stage (c): the tiny UNet as a latent text-to-image diffusion model conditioned on the tiny CLIP text tower.
 
-Trained as Stable Diffusion was: VAE latents (times the VAE's ``scaling_factor``) are noised by SD's
+Trained as Stable Diffusion v1.5 was: VAE latents (times the VAE's ``scaling_factor``) are noised by SD's
 scaled-linear DDPM schedule and the UNet predicts the noise (epsilon), with some captions dropped for
-classifier-free guidance. The context has IEDP's token form: the caption's projected ``text_embeds`` as one
-token (B, 1, D), plus (``object_tokens``) the class token of every class the caption names, the same
-"a photo of a {}." embeddings IEDP's class-token bank holds, so cross-attention learns to tie each class token
-to the pixels of its class, the property VPD's attention maps rely on.
+classifier-free guidance. The context is SD's: the text tower's last hidden states, every token of the caption
+padded to the tokenizer's 77 positions, (B, 77, D), with no attention mask (as SD's pipeline calls CLIP), so
+IEDP's explicit branch, which feeds the same token sequence, meets the UNet in the form it was trained on.
 """
 
 from __future__ import annotations
@@ -17,15 +16,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from iedp.data.prompts import scene_prompt
-from iedp.data.synthetic import SYNTHETIC_CLASSES
-from iedp.models.guidance import ExplicitGuidance
 from iedp.pretrain.config import PretrainConfig
 from iedp.pretrain.data import SceneSet, canonical_caption, sample_caption
 from iedp.pretrain.loop import fit
-
-_CLASS_INDEX = {name: index for index, name in enumerate(SYNTHETIC_CLASSES)}
 
 
 def noise_scheduler() -> DDPMScheduler:
@@ -41,34 +37,28 @@ def noise_scheduler() -> DDPMScheduler:
 
 
 class Conditioner:
-    """Captions -> the UNet's context (B, T, D) and its key mask (B, T) (1 = attend, 0 = padding).
+    """Captions -> the UNet's context (B, L, D): the frozen text tower's last hidden states, L = the tokenizer's
+    ``model_max_length`` (77), as Stable Diffusion encodes its prompts."""
 
-    Args:
-        explicit: IEDP's explicit branch (frozen CLIP text tower), which embeds the captions.
-        template: class-token prompt, e.g. "a photo of a {}."; one token per synthetic class is made once.
-        object_tokens: append the class tokens of the named classes; without, T = 1 and names are ignored.
-    """
-
-    def __init__(self, explicit: ExplicitGuidance, template: str, object_tokens: bool) -> None:
-        self.explicit = explicit
-        self.object_tokens = object_tokens
-        self.class_tokens = explicit.embed([template.format(name) for name in SYNTHETIC_CLASSES])  # (C, D)
+    def __init__(self, text_encoder: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer) -> None:
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
 
     @torch.no_grad()
-    def __call__(
-        self, captions: Sequence[str], named: Sequence[Sequence[str]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        caption_tokens = self.explicit.embed(list(captions))  # (B, D)
-        named = named if self.object_tokens else [[] for _ in captions]
-        length = 1 + max(len(names) for names in named)
-        context = caption_tokens.new_zeros(len(captions), length, caption_tokens.shape[-1])  # (B, T, D)
-        mask = caption_tokens.new_zeros(len(captions), length)  # (B, T)
-        context[:, 0], mask[:, 0] = caption_tokens, 1
-        for row, names in enumerate(named):
-            if names:
-                context[row, 1 : 1 + len(names)] = self.class_tokens[[_CLASS_INDEX[n] for n in names]]
-                mask[row, 1 : 1 + len(names)] = 1
-        return context, mask
+    def __call__(self, captions: Sequence[str], batch: int = 256) -> torch.Tensor:
+        tokens = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        return torch.cat(
+            [
+                self.text_encoder.text_model(input_ids=tokens[start : start + batch]).last_hidden_state
+                for start in range(0, len(tokens), batch)
+            ]
+        )
 
 
 def train_unet(
@@ -102,14 +92,14 @@ def train_unet(
             means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
         ) * scaling_factor
         captions = [
-            ("", []) if rng.random() < config.caption_dropout else sample_caption(scenes, i, rng)
+            "" if rng.random() < config.caption_dropout else sample_caption(scenes, i, rng)
             for i in index.tolist()
         ]
-        context, mask = conditioner([text for text, _ in captions], [names for _, names in captions])
+        context = conditioner(captions)
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         noisy = scheduler.add_noise(clean, noise, timesteps)
-        prediction = unet(noisy, timesteps, context, encoder_attention_mask=mask).sample
+        prediction = unet(noisy, timesteps, context).sample
         errors = (prediction - noise).pow(2).mean(dim=(1, 2, 3))  # (B,)
         if config.snr_gamma is None:
             return errors.mean()
@@ -154,16 +144,11 @@ def denoising_losses(
         next((j % count for j in range(i + 1, i + count) if scenes.scenes[j % count] != scenes.scenes[i]), i)
         for i in range(count)
     ]
-    no_names: list[list[str]] = [[] for _ in range(count)]
     contexts = {
-        "caption": conditioner(
-            [canonical_caption(scenes, i) for i in range(count)], [scenes.objects(i) for i in range(count)]
-        ),
-        "scene_only": conditioner([scene_prompt(s) for s in scenes.scenes], no_names),
-        "empty": conditioner([""] * count, no_names),
-        "wrong_scene": conditioner(
-            [canonical_caption(scenes, j) for j in other], [scenes.objects(j) for j in other]
-        ),
+        "caption": conditioner([canonical_caption(scenes, i) for i in range(count)]),
+        "scene_only": conditioner([scene_prompt(s) for s in scenes.scenes]),
+        "empty": conditioner([""] * count),
+        "wrong_scene": conditioner([canonical_caption(scenes, j) for j in other]),
     }
     clean = latent_means * scaling_factor
     totals = dict.fromkeys(contexts, 0.0)
@@ -171,8 +156,8 @@ def denoising_losses(
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator)
         noisy = scheduler.add_noise(clean, noise, timesteps)
-        for key, (context, mask) in contexts.items():
-            prediction = unet(noisy, timesteps, context, encoder_attention_mask=mask).sample
+        for key, context in contexts.items():
+            prediction = unet(noisy, timesteps, context).sample
             totals[key] += F.mse_loss(prediction, noise).item() / draws
     return totals
 
@@ -198,9 +183,9 @@ def generate(
         len(prompts), unet.config.in_channels, size // factor, size // factor, generator=generator
     )
     # Conditional and unconditional contexts in one batch (same T): rows [:B] with the prompt, [B:] with "".
-    context, mask = conditioner([*prompts, *[""] * len(prompts)], [[] for _ in range(2 * len(prompts))])
+    context = conditioner([*prompts, *[""] * len(prompts)])
     for timestep in scheduler.timesteps:
-        noise = unet(torch.cat([latents, latents]), timestep, context, encoder_attention_mask=mask).sample
+        noise = unet(torch.cat([latents, latents]), timestep, context).sample
         conditional, unconditional = noise.chunk(2)
         noise = unconditional + guidance_scale * (conditional - unconditional)
         latents = scheduler.step(noise, timestep, latents).prev_sample
