@@ -133,6 +133,8 @@ class App:
     ):
         """One prediction: (result picture, class areas, attention map, class list, 3D file, downloads, summary)."""
         step = progress or (lambda *args, **kwargs: None)
+        if focal is not None and not float(focal) >= 0:  # checked before any work
+            raise InputError(f"focal length: {focal} is not a positive number of pixels (0: automatic)")
         step(0.05, desc="reading the image")
         image = self.read_upload(path)
         pipeline = self.pipeline(name)
@@ -170,8 +172,6 @@ class App:
         depth_path = folder / f"{stem}_depth.png"
         write_depth_png(depth_path, np.maximum(depth, 1e-3))
         step(0.7, desc="point cloud")
-        if focal is not None and not float(focal) >= 0:
-            raise InputError(f"focal length: {focal} is not a positive number of pixels (0: automatic)")
         focal = float(focal) if focal else default_focal(width)
         ply_path = write_ply(folder / f"{stem}.ply", *depth_to_points(depth, image, focal))
         view_path = write_ply(folder / f"{stem}_view.ply", *depth_to_points(depth, image, focal, VIEW_POINTS))
