@@ -1,6 +1,7 @@
 """The Python API (``iedp.load``) and hub folders on tiny checkpoints: any input kind and size, equal to
 ``iedp predict``'s files; ``from_pretrained(save_pretrained(m))`` bit for bit, with a model card."""
 
+import io
 import json
 from pathlib import Path
 
@@ -123,6 +124,13 @@ def test_input_conversion():
     np.testing.assert_array_equal(to_rgb(grey), np.repeat(grey[..., None], 3, -1))
     np.testing.assert_array_equal(to_rgb(grey[..., None]), np.repeat(grey[..., None], 3, -1))
     np.testing.assert_array_equal(to_rgb(np.full((2, 3, 3), 1.0)), np.full((2, 3, 3), 255, np.uint8))
+    # a phone photo stored sideways with EXIF orientation 6 (rotate 90° clockwise to view) is turned upright
+    sideways = Image.fromarray(gradient(5, 7, 0))
+    exif = sideways.getexif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    sideways.save(buffer, format="JPEG", exif=exif.tobytes())
+    assert to_rgb(Image.open(buffer)).shape == (7, 5, 3)
     for bad in (np.zeros((4, 4, 5), np.uint8), np.zeros((0, 3, 3), np.uint8), np.zeros((3, 3), np.int32), 42):
         with pytest.raises(InputError):
             to_rgb(bad)
