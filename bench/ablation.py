@@ -130,6 +130,26 @@ def report(runs: list[dict], args: argparse.Namespace) -> str:
     )
 
 
+def run_all(args: argparse.Namespace) -> list[dict]:
+    """Every (seed, task, variant), seed by seed so that a run cut short still holds complete pairs; the JSON is
+    rewritten after each run."""
+    jobs = [(t, v, s) for s in args.seeds for t in args.tasks for v in args.variants]
+    runs = []
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_one_thread) as pool,
+    ):
+        futures = [
+            pool.submit(run, t, v, s, args.steps, args.weights, Path(tmp), args.set) for t, v, s in jobs
+        ]
+        for future in futures:
+            runs.append(future.result())
+            print(json.dumps(runs[-1]), flush=True)
+            Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -141,22 +161,12 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides")
     parser.add_argument("--json", default="bench/results/ablation.json")
     parser.add_argument("--no-append", action="store_true", help="do not append the tables to BENCHMARKS.md")
+    parser.add_argument(
+        "--report-only", action="store_true", help="only write the tables of the runs already in --json"
+    )
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before they import torch
-    jobs = [(t, v, s) for t in args.tasks for s in args.seeds for v in args.variants]
-    runs = []
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_one_thread) as pool,
-    ):
-        futures = [
-            pool.submit(run, t, v, s, args.steps, args.weights, Path(tmp), args.set) for t, v, s in jobs
-        ]
-        for future in futures:
-            runs.append(future.result())
-            print(json.dumps(runs[-1]), flush=True)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
+    runs = json.loads(Path(args.json).read_text())["runs"] if args.report_only else run_all(args)
     text = report(runs, args)
     print(text)
     if not args.no_append:
