@@ -24,7 +24,7 @@ from iedp.api import Pipeline  # noqa: E402
 from iedp.app import depth_scale_bar, serve  # noqa: E402
 from iedp.checkpoint import save_model  # noqa: E402
 from iedp.config import Config, EvalConfig, ModelConfig  # noqa: E402
-from iedp.data.images import read_depth_png  # noqa: E402
+from iedp.data.images import read_depth_png, write_depth_png  # noqa: E402
 from iedp.data.synthetic import render_scene  # noqa: E402
 from iedp.models.build import build_model  # noqa: E402
 from iedp.pointcloud import read_ply  # noqa: E402
@@ -116,7 +116,8 @@ def test_app_depth_through_gradio_client(server):
     depth_file, ply_file = sorted(downloads, key=lambda p: Path(p).suffix)[::-1]
     assert Path(depth_file).suffix == ".png" and Path(ply_file).suffix == ".ply"
     millimetres = read_depth_png(depth_file)
-    np.testing.assert_array_equal(millimetres, np.round(np.maximum(expected.depth, 1e-3) * 1000) / 1000)
+    write_depth_png(Path(depth_file).with_name("api.png"), np.maximum(expected.depth, 1e-3))
+    np.testing.assert_array_equal(millimetres, read_depth_png(Path(depth_file).with_name("api.png")))
     points, colours = read_ply(ply_file)
     assert points.shape == (HEIGHT * WIDTH, 3) and colours.shape == (HEIGHT * WIDTH, 3)
     np.testing.assert_allclose(-points[:, 2], expected.depth.reshape(-1), rtol=1e-6)
