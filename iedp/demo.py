@@ -137,7 +137,9 @@ def prediction_pictures(task: str, models: dict[str, IEDPModel], config: Config,
 
 @torch.no_grad()
 def attention_pictures(model: IEDPModel, config: Config, out: Path) -> Path:
-    """Class cross-attention maps (stride 16, averaged over heads and layers) of the classes in a few scenes."""
+    """For a few scenes: the class cross-attention maps (stride 16, averaged over heads and layers) of the classes
+    present, then where the implicit queries look among CLIP's image patches (all queries averaged, and the two
+    queries with the most peaked attention)."""
     val_set = build_dataset(config, "val")
     C = model.num_classes
     rows = []
@@ -153,10 +155,23 @@ def attention_pictures(model: IEDPModel, config: Config, out: Path) -> Path:
         classes = [int(c) for c in present[:4]]
         size = image.shape[-2:]
         images = [_to_uint8(sample["image"])]
+        titles = ["input", *(model.class_names[c] for c in classes)]
         for c in classes:
             upsampled = torch.nn.functional.interpolate(maps[c][None, None], size=size, mode="bilinear")[0, 0]
             images.append(heatmap(upsampled.numpy()))
-        rows.append(panel(images, ["input", *(model.class_names[c] for c in classes)]))
+        if model.implicit_queries is not None:
+            queries = model.implicit_attention(image)[0]  # (N, g, g)
+            peaked = queries.flatten(1).amax(dim=1).argsort(descending=True)[:2].tolist()
+            for grid, title in [(queries.mean(0), "queries (mean)")] + [
+                (queries[q], f"query {q}") for q in peaked
+            ]:
+                upsampled = torch.nn.functional.interpolate(grid[None, None], size=size, mode="bilinear")[
+                    0, 0
+                ]
+                images.append(heatmap(upsampled.numpy()))
+                titles.append(title)
+        rows.append(panel(images, titles))
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "attention_maps.png"
     _stack(rows).save(path)
     return path
@@ -245,7 +260,9 @@ def run_demo(out: str | Path = "demo_out", steps: int | None = None, weights: st
         ]
         if task == "seg" and models["iedp"].config.attention_maps:
             section.append(
-                f"Cross-attention maps of the iedp model:\n\n![attention]({attention_pictures(models['iedp'], config, out).name})\n"
+                "Cross-attention maps of the iedp model: each class's map in the UNet, then where the implicit "
+                "branch's learnable queries look among CLIP's image patches:\n\n"
+                f"![attention]({attention_pictures(models['iedp'], config, out).name})\n"
             )
         sections.append("\n".join(section))
         (out / f"{task}_results.json").write_text(

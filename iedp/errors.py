@@ -12,3 +12,7 @@ class Interrupted(Exception):
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.signum = signum
+
+    def __reduce__(self) -> tuple:
+        # Raised in the demo's worker processes and re-raised in the parent, so it must survive pickling.
+        return (Interrupted, (self.signum, str(self)))

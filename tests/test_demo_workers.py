@@ -24,3 +24,26 @@ def test_worker_initialiser_sets_one_thread():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_attention_pictures_show_the_implicit_queries(tmp_path):
+    """The report's attention row: input, the 4 largest classes' UNet maps, then the queries' mean map and the two
+    most peaked queries over CLIP's patches; without learnable queries only the first five."""
+    import pickle
+
+    from PIL import Image
+
+    from iedp.errors import Interrupted
+    from iedp.models.build import build_model
+
+    widths = {}
+    for implicit in ("queries", "pooled"):
+        sets = ["model.weights=tiny", "data.num_val=2", f"model.implicit={implicit}"]
+        config = demo.load_config("demo_seg", sets)
+        model = build_model(config.model).eval()
+        path = demo.attention_pictures(model, config, tmp_path / implicit)
+        widths[implicit] = Image.open(path).width
+    side = config.data.resolution
+    assert widths == {"queries": 8 * side, "pooled": 5 * side}
+    stop = pickle.loads(pickle.dumps(Interrupted(15, "stopped")))  # crosses the demo's process boundary
+    assert (stop.signum, str(stop)) == (15, "stopped")
