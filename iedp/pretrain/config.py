@@ -1,6 +1,6 @@
 """Settings of the miniature pre-training (tiny VAE, CLIP and text-to-image UNet on synthetic scenes).
 
-The defaults take about 30-45 minutes on one CPU core (the world they build ships with the package, so users
+The defaults take about 38 minutes on one (shared) CPU core (the world they build ships with the package, so users
 never wait for it); :data:`QUICK_CONFIG` runs every stage for a few steps in seconds, for tests. Every field is part of the cache key of ``resolve_weights("tiny-pretrained")``.
 """
 
@@ -29,12 +29,12 @@ class PretrainConfig:
     vae_steps: int = 500
     vae_batch: int = 8
     vae_crop: int = 64  # side of the random square crops (a multiple of the VAE's factor 8)
-    vae_lr: float = 4e-3
+    vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-4  # on the KL divergence per latent element (the MSE is per pixel value)
     vae_chroma_weight: float = 2.0  # on the MSE of the chroma (pixel minus its grey): colour is learnt early
 
     # (b) CLIP: symmetric InfoNCE on (image, caption) pairs, images resized as the implicit branch does
-    clip_steps: int = 600
+    clip_steps: int = 1500
     clip_batch: int = 96
     clip_lr: float = 2e-3
 
@@ -47,7 +47,7 @@ class PretrainConfig:
     caption_dropout: float = 0.1  # share of captions replaced by "" (unconditional, for guidance)
 
     # (d) the independent scene classifier that judges the UNet's samples (a small CNN, not CLIP)
-    classifier_steps: int = 300
+    classifier_steps: int = 1000
     classifier_batch: int = 64
     classifier_lr: float = 2e-3
     classifier_resolution: int = 64  # images (real renders and samples) are area-resized to this
