@@ -6,32 +6,16 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model import depth_config, seg_config
 
 from iedp.checkpoint import CONFIG_NAME, load_model, save_model
-from iedp.config import Config, ModelConfig
+from iedp.config import Config
 from iedp.errors import InputError
 from iedp.models.build import build_model
 from iedp.models.guidance import class_token_bank
 from iedp.models.implicit_queries import ImplicitQueries
 
 SIZE = 64
-
-
-def seg_config(method="iedp", **kw):
-    return ModelConfig(
-        task="seg", method=method, classes="synthetic", neck_channels=16, head_channels=16, **kw
-    )
-
-
-def depth_config(method="iedp", **kw):
-    return ModelConfig(
-        task="depth",
-        method=method,
-        classes="synthetic_scenes",
-        depth_fuse_channels=32,
-        depth_head_channels=16,
-        **kw,
-    )
 
 
 def seg_batch(model, B=2, seed=0):
