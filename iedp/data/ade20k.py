@@ -127,14 +127,24 @@ class ADE20K(Dataset):
         image = read_rgb(image_path)
         label = read_label(label_path, self.num_classes, self.reduce_zero_label)
         check_same_size(image, image_path, label, label_path)
-        if self.augment:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            image_tensor, label_tensor = self.transform(image, label, rng)
-        else:
-            image_tensor, label_tensor = seg_val_transform(image, label, self.val_scale)
-        return {
-            "image": image_tensor,
-            "label": label_tensor,
-            "prompt": seg_prompt(label_tensor, self.class_names, IGNORE_INDEX),
-            "name": image_path.stem,
-        }
+        return seg_sample(self, index, image, label, image_path.stem)
+
+
+def seg_sample(
+    dataset, index: int, image: np.ndarray, label: np.ndarray, name: str
+) -> dict[str, torch.Tensor | str]:
+    """One segmentation sample of a labelled-image dataset (ADE20K, Cityscapes, your own folders): the seeded
+    training augmentation (per seed, epoch and index) or the validation resize, and the label prompt.
+
+    ``dataset`` provides ``augment``, ``seed``, ``epoch``, ``transform``, ``val_scale`` and ``class_names``."""
+    if dataset.augment:
+        rng = np.random.default_rng((dataset.seed, dataset.epoch, index))
+        image_tensor, label_tensor = dataset.transform(image, label, rng)
+    else:
+        image_tensor, label_tensor = seg_val_transform(image, label, dataset.val_scale)
+    return {
+        "image": image_tensor,
+        "label": label_tensor,
+        "prompt": seg_prompt(label_tensor, dataset.class_names, IGNORE_INDEX),
+        "name": name,
+    }

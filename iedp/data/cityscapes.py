@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from iedp.data.ade20k import seg_sample
 from iedp.data.folders import raise_if_problems
-from iedp.data.images import IGNORE_INDEX, check_same_size, read_label, read_rgb
-from iedp.data.prompts import seg_prompt
-from iedp.data.transforms import SegTrainTransform, seg_val_transform
+from iedp.data.images import check_same_size, read_label, read_rgb
+from iedp.data.transforms import SegTrainTransform
 from iedp.resources import read_names
 
 SPLITS = ("train", "val")
@@ -108,14 +107,4 @@ class Cityscapes(Dataset):
         image = read_rgb(image_path)
         label = read_label(label_path, NUM_CLASSES, reduce_zero_label=False)
         check_same_size(image, image_path, label, label_path)
-        if self.augment:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            image_tensor, label_tensor = self.transform(image, label, rng)
-        else:
-            image_tensor, label_tensor = seg_val_transform(image, label, self.val_scale)
-        return {
-            "image": image_tensor,
-            "label": label_tensor,
-            "prompt": seg_prompt(label_tensor, self.class_names, IGNORE_INDEX),
-            "name": image_path.name.removesuffix(IMAGE_SUFFIX),
-        }
+        return seg_sample(self, index, image, label, image_path.name.removesuffix(IMAGE_SUFFIX))

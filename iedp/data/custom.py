@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from iedp.data.ade20k import seg_sample
 from iedp.data.folders import (
     DEPTH_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -48,12 +49,11 @@ from iedp.data.folders import (
     size_problem,
 )
 from iedp.data.images import IGNORE_INDEX, _open_decoded, check_same_size, read_rgb
-from iedp.data.prompts import scene_prompt, seg_prompt
+from iedp.data.prompts import scene_prompt
 from iedp.data.transforms import (
     DepthTrainTransform,
     SegTrainTransform,
     depth_test_transform,
-    seg_val_transform,
 )
 from iedp.errors import InputError
 
@@ -291,17 +291,7 @@ class CustomSegmentation(Dataset):
         image = read_rgb(image_path)
         label = self._read_label(label_path)
         check_same_size(image, image_path, label, label_path)
-        if self.augment:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            image_tensor, label_tensor = self.transform(image, label, rng)
-        else:
-            image_tensor, label_tensor = seg_val_transform(image, label, self.val_scale)
-        return {
-            "image": image_tensor,
-            "label": label_tensor,
-            "prompt": seg_prompt(label_tensor, self.class_names, IGNORE_INDEX),
-            "name": key.replace("/", "_"),
-        }
+        return seg_sample(self, index, image, label, key.replace("/", "_"))
 
 
 def scene_of(key: str, table: dict[str, str] | None) -> str:
