@@ -30,6 +30,7 @@ from iedp.engine.inference import (
     class_attention,
     predict_batch,
     predict_image,
+    predict_labels,
     resolve_device,
     resolve_dtype,
     scores_are_probabilities,
@@ -261,6 +262,9 @@ class Pipeline:
 
     def predict_one(self, image: ImageInput, probabilities: bool = False, attention: bool = False) -> Output:
         rgb = to_rgb(image)
+        if self.task == "seg" and not probabilities:  # labels only: bounded memory at any image size
+            labels = predict_labels(self.model, rgb, self.config, self.device, self.dtype)
+            return self.segmentation(rgb, labels, attention=attention)
         scores = predict_image(self.model, rgb, self.config, self.device, self.dtype)
         return self.output(rgb, scores, probabilities, attention)
 
@@ -278,7 +282,20 @@ class Pipeline:
             top = float(self.config.model.max_depth)
             color = Image.fromarray(colorize_depth(depth, vmin=0.0, vmax=top, invalid=-1.0))
             return DepthOutput(image=rgb, depth=depth, color=color, max_depth=top)
-        labels = scores.argmax(dim=0).cpu().numpy()
+        probs = None
+        if probabilities:
+            probs = scores if scores_are_probabilities(self.config) else scores.softmax(dim=0)
+        return self.segmentation(rgb, scores.argmax(dim=0), probs, attention)
+
+    def segmentation(
+        self,
+        rgb: np.ndarray,
+        labels: torch.Tensor,
+        probabilities: torch.Tensor | None = None,
+        attention: bool = False,
+    ) -> SegmentationOutput:
+        """The segmentation result of an image's label map (and class probabilities when asked for)."""
+        labels = labels.cpu().numpy()
         mask = colorize_labels(labels, palette(self.model.num_classes), ignore_index=None)
         result = SegmentationOutput(
             image=rgb,
@@ -287,9 +304,8 @@ class Pipeline:
             mask=mask,
             overlay=Image.fromarray(overlay(rgb, mask)),
         )
-        if probabilities:
-            probs = scores if scores_are_probabilities(self.config) else scores.softmax(dim=0)
-            result.probabilities = probs.cpu().numpy()
+        if probabilities is not None:
+            result.probabilities = probabilities.cpu().numpy()
         if attention:
             maps = class_attention(self.model, rgb, self.config, self.device, self.dtype)
             result.attention = maps.cpu().numpy()

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import multiprocessing.synchronize
 import os
 import platform
+import signal
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from iedp.config import Config, load_config
 from iedp.engine.data import build_dataset
 from iedp.engine.evaluate import predict_sample
 from iedp.engine.train import train
+from iedp.errors import Interrupted
 from iedp.metrics.depth import DepthMetric
 from iedp.metrics.segmentation import SegmentationMetric
 from iedp.models.iedp import IEDPModel
@@ -91,13 +94,25 @@ def demo_config(task: str, method: str, out: Path, weights: str | None, steps: i
     return load_config(f"demo_{task}", sets)
 
 
-def _single_thread_worker(level: int) -> None:
-    """Initialiser of a demo worker process: one intra-op thread, the parent's log level."""
+_STOPPED: multiprocessing.synchronize.Event | None = None
+"""In a demo worker: set by the parent once it is told to stop, so the worker starts no further run."""
+
+
+def _single_thread_worker(level: int, stopped: multiprocessing.synchronize.Event | None = None) -> None:
+    """Initialiser of a demo worker process: one intra-op thread, the parent's log level, and SIGTERM left to the
+    training loop (outside a run the parent's ``stopped`` event says what to do, so a worker between two runs or
+    still building its model does not die and break the pool)."""
+    global _STOPPED
+    _STOPPED = stopped
     torch.set_num_threads(1)
     logging.basicConfig(level=level, format=f"[worker {os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    if stopped is not None:
+        signal.signal(signal.SIGTERM, lambda *_: None)
 
 
 def run_one(task: str, method: str, out: Path, weights: str | None, steps: int | None) -> RunResult:
+    if _STOPPED is not None and _STOPPED.is_set():
+        raise Interrupted(signal.SIGTERM, f"demo stopped by SIGTERM before the {task} {method} run started")
     config = demo_config(task, method, out, weights, steps)
     tic = time.perf_counter()
     checkpoint = train(config)
@@ -226,16 +241,34 @@ def _run_all(
     # OMP_NUM_THREADS is read when a worker imports torch, so set it in the environment the workers inherit.
     previous = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
+    context = multiprocessing.get_context("spawn")
+    stopped = context.Event()
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=_single_thread_worker,
+        initargs=(logging.getLogger().getEffectiveLevel(), stopped),
+    )
+
+    def stop_workers(signum: int, _frame: object = None) -> None:
+        # A SIGTERM sent to this process alone (a scheduler, `kill PID`) reaches the workers too, so each saves a
+        # checkpoint and stops; Ctrl-C already reaches the whole process group.
+        stopped.set()
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signum)
+
+    previous_handler = signal.signal(signal.SIGTERM, stop_workers)
+    futures = {run: pool.submit(run_one, *run, out, weights, steps) for run in runs}
     try:
-        with ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_single_thread_worker,
-            initargs=(logging.getLogger().getEffectiveLevel(),),
-        ) as pool:
-            futures = {run: pool.submit(run_one, *run, out, weights, steps) for run in runs}
-            return {run: future.result() for run, future in futures.items()}
+        return {run: future.result() for run, future in futures.items()}
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # after a failed or stopped run, start no other
+        # a run that was building its model when the signal came has no handler yet: tell it again until done
+        while stopped.is_set() and not all(future.done() for future in futures.values()):
+            stop_workers(signal.SIGTERM)
+            wait(futures.values(), timeout=1.0)
+        pool.shutdown(wait=True)
+        signal.signal(signal.SIGTERM, previous_handler)
         if previous is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:

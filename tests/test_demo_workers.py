@@ -47,3 +47,46 @@ def test_attention_pictures_show_the_implicit_queries(tmp_path):
     assert widths == {"queries": 8 * side, "pooled": 5 * side}
     stop = pickle.loads(pickle.dumps(Interrupted(15, "stopped")))  # crosses the demo's process boundary
     assert (stop.signum, str(stop)) == (15, "stopped")
+
+
+def test_sigterm_to_the_demo_alone_stops_every_worker_with_a_checkpoint(tmp_path):
+    """`kill PID` of `iedp demo` (not its process group): the workers get it too, save and stop; exit 143."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import pytest
+
+    if demo.demo_workers() < 2:
+        pytest.skip("needs two CPU cores for two demo workers")
+    command = [sys.executable, "-m", "iedp.cli", "demo", "--out", str(tmp_path), "--weights", "tiny"]
+    proc = subprocess.Popen(
+        [*command, "--steps", "100000"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=Path(__file__).parents[1],
+    )
+    lines, training = [], set()
+    deadline = time.time() + 240
+    for line in proc.stderr:
+        lines.append(line)
+        if "optimisation steps" in line:
+            training.update(re.findall(r"\[worker (\d+)\]", line))
+        if len(training) == 2 or time.time() > deadline:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=180)
+    log = "".join(lines) + rest
+    assert len(training) == 2, log
+    assert proc.returncode == 143, log
+    assert "stopped by SIGTERM at step" in log.splitlines()[-1], log
+    for pid in training:  # no worker left running on its own
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+    saved = sorted(p.parent.parent.name for p in tmp_path.glob("*/checkpoints/checkpoint-*/state.json"))
+    assert len(saved) == 2, log  # each started run kept its step

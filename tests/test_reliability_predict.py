@@ -5,12 +5,16 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from iedp.checkpoint import save_model
+from iedp.checkpoint import load_model, save_model
 from iedp.cli import main
 from iedp.config import Config, EvalConfig, ModelConfig
 from iedp.data.images import default_max_pixels, read_rgb
+from iedp.engine import inference
+from iedp.engine.inference import predict_image, resized_argmax
 from iedp.engine.predict import output_stems
 from iedp.errors import InputError
 from iedp.models.build import build_model
@@ -177,3 +181,27 @@ def test_pickled_weights_file_is_one_line_naming_it(tmp_path, capsys):
     assert captured.err.strip().count("\n") == 0 or "Traceback" not in captured.err
     assert "diffusion_pytorch_model.bin" in captured.err.strip().splitlines()[-1]
     assert "code ran" not in captured.out
+
+
+@pytest.mark.parametrize("size", [(37, 53), (128, 96), (5, 300)])
+def test_resized_argmax_in_bands_equals_resizing_the_whole_map(size):
+    scores = torch.randn(7, 16, 12, generator=torch.Generator().manual_seed(0))
+    whole = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0].argmax(dim=0)
+    banded = resized_argmax(scores, size, budget=7 * size[1] * 3)  # three rows per band
+    assert banded.dtype == torch.int32
+    assert (banded == whole).float().mean() == 1.0
+
+
+def test_large_image_labels_come_in_bounded_memory_and_match(seg_checkpoint, monkeypatch):
+    model, config = load_model(seg_checkpoint)
+    image = np.random.default_rng(1).integers(0, 255, (96, 160, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    expected = predict_image(model, image, config, cpu).argmax(dim=0)
+    monkeypatch.setattr(inference, "SCORE_BUDGET", 3 * 96 * 160 - 1)  # the image is now above the budget
+    seen = []
+    real = inference.resized_argmax
+    monkeypatch.setattr(inference, "resized_argmax", lambda s, size: seen.append(s.shape) or real(s, size, 3 * 160))
+    labels = inference.predict_labels(model, image, config, cpu)
+    assert seen == [(3, 64, 107)]  # the scores stay at the model's input size
+    assert labels.shape == (96, 160)
+    assert (labels == expected).float().mean() > 0.999

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from iedp.config import Config
 from iedp.data.transforms import normalize, rescale_size, resize_image
@@ -267,6 +268,51 @@ def predict_image(
     sample = {"image": model_input(image, model, config)}
     scores = predict_scores(model, sample, config, device, out_size=image.shape[:2], dtype=dtype)
     return scores if model.task == "seg" else to_size(scores, image.shape[:2])
+
+
+SCORE_BUDGET = 2**25
+"""Class scores (float32, 128 MiB) :func:`predict_labels` holds at once at an image's full size; above it the
+scores are resized to the image in bands."""
+
+
+def resized_argmax(scores: torch.Tensor, size: tuple[int, int], budget: int = SCORE_BUDGET) -> torch.Tensor:
+    """(H, W) int32 argmax over classes of (K, h, w) scores bilinearly resized to ``size`` (as ``F.interpolate``
+    with ``align_corners=False``), in bands of rows holding at most ``budget`` scores: the labels of resizing
+    the whole map at once, in bounded memory and about the same time."""
+    classes, width = scores.shape[0], size[1]
+    rows = max(1, budget // (classes * width))
+    # grid_sample's normalised pixel centres with border clamping are F.interpolate's source coordinates
+    xs = (torch.arange(width, device=scores.device) + 0.5) / width * 2 - 1
+    labels = torch.empty(size, dtype=torch.int32, device=scores.device)
+    bands = range(0, size[0], rows)
+    for top in tqdm(
+        bands, desc="resizing class scores", leave=False, disable=None if len(bands) > 8 else True
+    ):
+        ys = (torch.arange(top, min(top + rows, size[0]), device=scores.device) + 0.5) / size[0] * 2 - 1
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None].to(scores.dtype)
+        band = F.grid_sample(scores[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+        labels[top : top + rows] = band[0].argmax(dim=0)
+    return labels
+
+
+def predict_labels(
+    model: IEDPModel,
+    image: np.ndarray,
+    config: Config,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(H, W) class indices of an H×W×3 uint8 image of any size: the argmax of :func:`predict_image`. When its
+    K×H×W scores would exceed :data:`SCORE_BUDGET`, the views are combined at the model's input size and the
+    scores resized to the image band by band (:func:`resized_argmax`); with one view that is the same map."""
+    height, width = image.shape[:2]
+    if model.num_classes * height * width <= SCORE_BUDGET:
+        return predict_image(model, image, config, device, dtype).argmax(dim=0)
+    sample = {"image": model_input(image, model, config)}
+    scores = predict_scores(
+        model, sample, config, device, out_size=tuple(sample["image"].shape[-2:]), dtype=dtype
+    )
+    return resized_argmax(scores, (height, width))
 
 
 @torch.no_grad()

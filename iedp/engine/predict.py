@@ -33,15 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from iedp.api import Pipeline
 from iedp.checkpoint import load_model
 from iedp.config import Config, apply_overrides
 from iedp.data.images import read_rgb, write_depth_png
-from iedp.data.transforms import rescale_size, resize_image
-from iedp.engine.inference import predict_image, resolve_device, resolve_dtype
+from iedp.engine.inference import predict_image, predict_labels, resolve_device, resolve_dtype
 from iedp.errors import InputError
 from iedp.models.iedp import IEDPModel
 from iedp.outputs import check_output_dir
@@ -121,9 +119,10 @@ def segment_image(
     """H×W class indices of an H×W×3 uint8 image of any size.
 
     The image is rescaled as the evaluation set is (:func:`~iedp.engine.inference.model_input`) and the scores
-    are resized back to the input's size before the argmax.
+    are resized back to the input's size before the argmax (in bands for large images,
+    :func:`~iedp.engine.inference.predict_labels`).
     """
-    return predict_image(model, image, config, device, dtype).argmax(dim=0).cpu().numpy()
+    return predict_labels(model, image, config, device, dtype).cpu().numpy()
 
 
 def estimate_image_depth(
@@ -134,14 +133,9 @@ def estimate_image_depth(
     dtype: torch.dtype = torch.float32,
 ) -> np.ndarray:
     """H×W metres of an H×W×3 uint8 image of any size: rescaled so its short side is the training resolution
-    (as segmentation is), predicted, and resized back to the input's size."""
-    height, width = image.shape[:2]
-    short = config.data.resolution if config.data.dataset == "synthetic" else config.data.crop_size
-    resized = resize_image(image, rescale_size(height, width, (4 * short, short)))
-    depth = predict_image(model, resized, config, device, dtype)
-    if depth.shape[-2:] != (height, width):
-        depth = F.interpolate(depth[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    return depth[0].cpu().numpy()
+    (as segmentation is, :func:`~iedp.engine.inference.model_input`), predicted, and resized back to the
+    input's size."""
+    return predict_image(model, image, config, device, dtype)[0].cpu().numpy()
 
 
 def write_segmentation(
