@@ -197,3 +197,21 @@ def test_skip_bad_under_workers_is_summarised(tmp_path, caplog):
     summary = [r.getMessage() for r in caplog.records if "unreadable training files" in r.getMessage()]
     assert len(summary) == 1 and "skipped 2 unreadable training files" in summary[0]
     assert "ADE_train_00000002" in summary[0] and "ADE_train_00000005" in summary[0]
+
+
+def test_too_many_loader_workers_is_said_once_in_one_line(monkeypatch, caplog):
+    import logging
+    import warnings
+
+    from iedp.engine.data import make_loader
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        loader = make_loader([{"x": torch.zeros(1)}] * 4, 2, num_workers=2, shuffle=False, seed=0)
+        for _ in range(2):  # two epochs: PyTorch warned at each
+            assert sum(len(batch["x"]) for batch in loader) == 4
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.num_workers=2 is more than the 1 CPU cores this process may use"
+    ]
+    assert not [w for w in caught if "DataLoader" in str(w.message)]

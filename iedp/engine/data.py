@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,6 +18,8 @@ from iedp.data.nyu import LIST_FOLDERS, NYUDepthV2
 from iedp.data.synthetic import SyntheticScenes
 from iedp.data.transforms import CUTDEPTH_PROB, DepthTrainTransform, SegTrainTransform
 from iedp.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 
 def _require_root(config: Config) -> Path:
@@ -101,6 +106,13 @@ def collate(samples: list[dict]) -> dict:
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int) -> DataLoader:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if num_workers > cores:
+        # said once here, instead of PyTorch's multi-line warning at every epoch's iterator (and Accelerate's copy)
+        logger.warning(
+            "data.num_workers=%d is more than the %d CPU cores this process may use", num_workers, cores
+        )
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     return DataLoader(
         dataset,
         batch_size=batch_size,
