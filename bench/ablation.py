@@ -43,8 +43,18 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def run(task: str, variant: str, seed: int, steps: int, weights: str, out: Path, extra: list[str]) -> dict:
-    """Train and evaluate one (task, variant, seed); returns its final metrics."""
+def run(
+    task: str,
+    variant: str,
+    seed: int,
+    steps: int,
+    weights: str,
+    out: Path,
+    extra: list[str],
+    eval_every: int = 0,
+) -> dict:
+    """Train and evaluate one (task, variant, seed); returns its final metrics and, with ``eval_every``, the
+    learning curve (``curve``: the metrics at every evaluation)."""
     from iedp.config import load_config
     from iedp.engine.train import train
 
@@ -58,7 +68,7 @@ def run(task: str, variant: str, seed: int, steps: int, weights: str, out: Path,
             f"train.seed={seed}",
             f"train.max_steps={steps}",
             f"train.checkpoint_every={steps}",
-            f"train.eval_every={steps}",
+            f"train.eval_every={eval_every or steps}",
             "train.checkpoints_total_limit=1",
             f"train.out={folder}",
             *extra,
@@ -68,6 +78,11 @@ def run(task: str, variant: str, seed: int, steps: int, weights: str, out: Path,
     train(config)
     metrics = json.loads((folder / "metrics.json").read_text())
     result = {"task": task, "variant": variant, "seed": seed, "seconds": time.perf_counter() - tic}
+    if eval_every:
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        result["curve"] = [
+            {k: v for k, v in json.loads(line).items() if k == "step" or k in METRICS[task]} for line in lines
+        ]
     return result | {k: metrics[k] for k in METRICS[task]}
 
 
@@ -111,14 +126,37 @@ def table(runs: list[dict], task: str) -> str:
     return "\n".join(lines)
 
 
+def curve_table(runs: list[dict], task: str) -> str:
+    """Markdown table of the learning curves: the first metric's mean over seeds per variant and evaluated step."""
+    metric = next(iter(METRICS[task]))
+    means: dict[str, dict[int, list[float]]] = {}
+    for r in runs:
+        if r["task"] == task and "curve" in r:
+            for point in r["curve"]:
+                means.setdefault(r["variant"], {}).setdefault(point["step"], []).append(point[metric])
+    if not means:
+        return ""
+    steps = sorted({step for curve in means.values() for step in curve})
+    lines = [
+        f"| {task} {metric} at step | " + " | ".join(map(str, steps)) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for variant, curve in means.items():
+        cells = [f"{statistics.mean(curve[s]):.3f}" if s in curve else "–" for s in steps]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(runs: list[dict], args: argparse.Namespace) -> str:
     command = (
         f"python bench/ablation.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} "
         f"--weights {args.weights} --tasks {' '.join(args.tasks)} --jobs {args.jobs}"
+        + (f" --eval-every {args.eval_every}" if args.eval_every else "")
         + "".join(f" --set {s}" for s in args.set)
     )
     minutes = sum(r["seconds"] for r in runs) / 60
     tables = "\n\n".join(table(runs, task) for task in args.tasks)
+    curves = "\n\n".join(filter(None, (curve_table(runs, task) for task in args.tasks)))
     return (
         f"\n### Method ablation, {time.strftime('%Y-%m-%d')} ({platform.machine()}, {os.cpu_count()} cores, "
         f"{args.jobs} runs at a time, one thread each)\n\n"
@@ -126,7 +164,10 @@ def report(runs: list[dict], args: argparse.Namespace) -> str:
         f"({minutes:.0f} run-minutes). Mean ± std over seeds; Δ = variant − vpd on the same seed (same "
         "initialisation and data order), mean ± standard error, and on how many seeds the variant was better; "
         "bold where |mean| > 2 se. mIoU/aAcc in percent, RMSE in metres. `explicit` is an oracle (it reads the "
-        "labels at test time); `iedp` infers with the implicit branch only.\n\n" + tables + "\n"
+        "labels at test time); `iedp` infers with the implicit branch only.\n\n"
+        + tables
+        + (f"\n\nLearning curves (mean over seeds):\n\n{curves}" if curves else "")
+        + "\n"
     )
 
 
@@ -141,7 +182,8 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_one_thread) as pool,
     ):
         futures = [
-            pool.submit(run, t, v, s, args.steps, args.weights, Path(tmp), args.set) for t, v, s in jobs
+            pool.submit(run, t, v, s, args.steps, args.weights, Path(tmp), args.set, args.eval_every)
+            for t, v, s in jobs
         ]
         for future in futures:
             runs.append(future.result())
@@ -158,6 +200,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["seg", "depth"], choices=["seg", "depth"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument(
+        "--eval-every", type=int, default=0, help="also evaluate every N steps and report the learning curves"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides")
     parser.add_argument("--json", default="bench/results/ablation.json")
     parser.add_argument("--no-append", action="store_true", help="do not append the tables to BENCHMARKS.md")

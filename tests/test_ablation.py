@@ -44,3 +44,26 @@ def test_table_marks_differences_beyond_two_standard_errors():
     text = ablation.table(data, "seg")
     row = next(line for line in text.splitlines() if line.startswith("| iedp"))
     assert "**+3.000 ± 0.058** (3/3)" in row and "+0.000 ± 0.000 (0/3)" in row
+
+
+def test_curve_table_averages_each_evaluated_step_over_seeds():
+    data = [
+        {
+            "task": "seg",
+            "variant": "vpd",
+            "seed": 0,
+            "curve": [{"step": 50, "mIoU": 8.0}, {"step": 100, "mIoU": 9.0}],
+        },
+        {
+            "task": "seg",
+            "variant": "vpd",
+            "seed": 1,
+            "curve": [{"step": 50, "mIoU": 6.0}, {"step": 100, "mIoU": 11.0}],
+        },
+        {"task": "seg", "variant": "iedp", "seed": 0, "curve": [{"step": 100, "mIoU": 12.5}]},
+        {"task": "depth", "variant": "vpd", "seed": 0, "curve": [{"step": 50, "rmse": 1.0}]},
+    ]
+    lines = ablation.curve_table(data, "seg").splitlines()
+    assert lines[0] == "| seg mIoU at step | 50 | 100 |"
+    assert lines[2:] == ["| vpd | 7.000 | 10.000 |", "| iedp | – | 12.500 |"]
+    assert ablation.curve_table([r for r in data if "curve" not in r], "seg") == ""

@@ -2,6 +2,7 @@
 sizes, crops and ranges against hand-computed values, the list of problems of broken trees, `iedp data check`, and a
 2-step `iedp train` on the example trees of examples/."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -357,7 +358,7 @@ TWO_STEPS = [
     "train.max_steps=2",
     "train.warmup_steps=1",
     "train.batch_size=2",
-    "train.eval_every=2",
+    "train.eval_every=1",
     "train.log_every=1",
     "data.num_workers=0",
 ]
@@ -403,4 +404,7 @@ def test_two_training_steps_on_the_examples(tmp_path, recipe, example, sets):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config))
     args = _sets(f"data.root={EXAMPLES / example}", f"train.out={out}", *sets, *TWO_STEPS)
     assert main(["train", str(tmp_path / "recipe.yaml"), *args]) == 0
-    assert (out / "final" / "model.safetensors").is_file() and (out / "metrics.json").is_file()
+    assert (out / "final" / "model.safetensors").is_file()
+    curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [point["step"] for point in curve] == [1, 2]  # every evaluation, the last one also in metrics.json
+    assert curve[-1] == json.loads((out / "metrics.json").read_text())

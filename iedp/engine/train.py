@@ -209,6 +209,8 @@ def train(config: Config, resume: str | None = None) -> Path:
                     )
                     if accelerator.is_main_process:
                         (out / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+                        with open(out / "metrics.jsonl", "a", encoding="utf-8") as history:  # the learning curve
+                            history.write(json.dumps({"step": step, **metrics}, default=str) + "\n")
                     model.train()
                 if step >= tc.max_steps or _stop_everywhere(stop, accelerator):
                     break
