@@ -1,6 +1,8 @@
 """IEDP: implicit and explicit language guidance for diffusion-based visual perception."""
 
-__version__ = "0.1.0"
+from iedp.version import __version__
+
+__all__ = ["__version__", "load"]
 
 
 def load(path_or_hub_id, device=None, dtype="auto", overrides=()):

@@ -20,11 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-import iedp
 from iedp.config import Config, config_from_dict
 from iedp.errors import InputError
 from iedp.models.build import assemble_model, load_explicit
 from iedp.models.iedp import IEDPModel
+from iedp.version import __version__
 
 FORMAT = "iedp-checkpoint/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -46,7 +46,7 @@ def save_model(model: IEDPModel, config: Config, out_dir: str | Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT,
-        "iedp_version": iedp.__version__,
+        "iedp_version": __version__,
         "config": config.to_dict(),
         "class_names": model.class_names,
         "components": {

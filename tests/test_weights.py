@@ -12,15 +12,16 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from iedp import weights
 from iedp.errors import InputError
 from iedp.weights import (
     TINY_VERSION,
     learn_bpe_merges,
     load_clip,
     load_stable_diffusion,
+    loaders,
     make_tiny,
     resolve_weights,
+    tiny,
 )
 
 PROMPT = "a photo of a wall, floor and bed"
@@ -110,13 +111,13 @@ def test_learn_bpe_merges_breaks_ties_by_smallest_pair() -> None:
 
 def test_single_file_config_is_sd_v1_5() -> None:
     # The embedded LDM config must convert to SD v1.5's diffusers config, or a real v1.5 file would not load.
-    unet = create_unet_diffusers_config_from_ldm(weights._SD_V1_ORIGINAL_CONFIG, checkpoint={})
+    unet = create_unet_diffusers_config_from_ldm(loaders._SD_V1_ORIGINAL_CONFIG, checkpoint={})
     assert unet["block_out_channels"] == [320, 640, 1280, 1280]
     assert unet["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
     assert unet["up_block_types"] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
     assert (unet["cross_attention_dim"], unet["attention_head_dim"], unet["layers_per_block"]) == (768, 8, 2)
     assert unet["sample_size"] == 64 and unet["in_channels"] == unet["out_channels"] == 4
-    vae = create_vae_diffusers_config_from_ldm(weights._SD_V1_ORIGINAL_CONFIG, checkpoint={})
+    vae = create_vae_diffusers_config_from_ldm(loaders._SD_V1_ORIGINAL_CONFIG, checkpoint={})
     assert vae["block_out_channels"] == [128, 256, 512, 512]
     assert (vae["latent_channels"], vae["layers_per_block"], vae["scaling_factor"]) == (4, 2, 0.18215)
 
@@ -155,7 +156,7 @@ def test_sd_file_without_sd_weights(tmp_path: Path, suffix: str) -> None:
 def test_sd_v2_single_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "v2.safetensors"
     safetensors.torch.save_file(
-        {weights._SD_V1_PROBE_KEY: torch.zeros(4, 1024), "first_stage_model.x": torch.zeros(1)}, path
+        {loaders._SD_V1_PROBE_KEY: torch.zeros(4, 1024), "first_stage_model.x": torch.zeros(1)}, path
     )
     with pytest.raises(InputError, match="width 1024"):
         load_stable_diffusion(str(path))
@@ -201,7 +202,7 @@ def test_resolve_weights_builds_tiny_once(tmp_path: Path, monkeypatch: pytest.Mo
         builds.append(Path(out_dir))
         return make_tiny(out_dir)
 
-    monkeypatch.setattr(weights, "make_tiny", counting_make_tiny)
+    monkeypatch.setattr(tiny, "make_tiny", counting_make_tiny)
     expected = tmp_path / f"tiny-{TINY_VERSION}"
     assert resolve_weights("tiny") == (str(expected), str(expected / "clip"))
     assert resolve_weights("tiny") == (str(expected), str(expected / "clip"))
@@ -237,4 +238,4 @@ def test_resolve_weights_folder_and_overrides(
     ],
 )
 def test_hub_ids_are_told_from_local_paths(path: str, local: bool) -> None:
-    assert weights._looks_local(path) is local
+    assert loaders._looks_local(path) is local

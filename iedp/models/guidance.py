@@ -18,8 +18,8 @@ from torch import nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from iedp.cache import cache_root
 from iedp.resources import read_names
-from iedp.weights import cache_root
 
 logger = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTokenizer
 
+from iedp.cache import build_cached, cache_root
 from iedp.data.prompts import scene_prompt
 from iedp.data.synthetic import RENDERER_VERSION, SYNTHETIC_SCENES, render_scene
 from iedp.pretrain.classifier import classify, scene_classifier, train_classifier
@@ -38,7 +39,8 @@ from iedp.pretrain.data import SceneSet, render_scenes
 from iedp.pretrain.report import reconstruction_grid, sample_grid, to_uint8, write_report
 from iedp.pretrain.text_to_image import Conditioner, denoising_losses, generate, noise_scheduler, train_unet
 from iedp.pretrain.vae import encode_latents, evaluate_vae, latent_scaling_factor, train_vae
-from iedp.weights import TINY_VERSION, build_cached, cache_root, load_clip, load_stable_diffusion, make_tiny
+from iedp.weights.loaders import load_clip, load_stable_diffusion
+from iedp.weights.tiny import TINY_VERSION, make_tiny
 
 logger = logging.getLogger(__name__)
 
