@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from iedp.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, save_model
 from iedp.config import Config, apply_overrides
 from iedp.data.images import max_pixels, read_rgb
 from iedp.engine.inference import (
@@ -37,6 +36,7 @@ from iedp.engine.inference import (
 )
 from iedp.errors import InputError
 from iedp.hub import METRICS_NAME, read_metrics, write_model_card
+from iedp.model_files import CONFIG_NAME, WEIGHTS_NAME, load_model, save_model
 from iedp.models.iedp import IEDPModel
 from iedp.visualize import (
     beside,

@@ -10,6 +10,7 @@ import argparse
 import logging
 import pickle
 import sys
+from pathlib import Path
 
 from iedp.errors import InputError, Interrupted
 
@@ -33,8 +34,6 @@ def one_line(error: BaseException) -> str:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from iedp.outputs import check_output_dir
     from iedp.weights import make_tiny
 
@@ -159,19 +158,45 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+SET_HELP = "override a config value, e.g. --set train.max_steps=100 (repeatable)"
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE``, repeatable: config overrides."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, one ``_add_<command>`` per subcommand (in the order ``--help`` lists them)."""
     parser = argparse.ArgumentParser(prog="iedp", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     commands = parser.add_subparsers(dest="command", required=True)
-    set_help = "override a config value, e.g. --set train.max_steps=100 (repeatable)"
+    for add_command in (
+        _add_make_tiny,
+        _add_pretrain_tiny,
+        _add_train,
+        _add_evaluate,
+        _add_predict,
+        _add_serve,
+        _add_score,
+        _add_convert_vpd,
+        _add_data,
+        _add_demo,
+    ):
+        add_command(commands)
+    return parser
 
+
+def _add_make_tiny(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("make-tiny", help="write the tiny SD + CLIP preset into DIR")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="write into a folder that is not empty (overwrites)")
     p.set_defaults(func=_make_tiny)
 
+
+def _add_pretrain_tiny(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "pretrain-tiny",
         help="pre-train the tiny VAE, CLIP and text-to-image UNet on synthetic scenes into DIR (about 38 min on one CPU core; the package ships the result)",
@@ -180,11 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few steps per stage (seconds): for tests only")
     p.set_defaults(func=_pretrain_tiny)
 
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "train", help="train a model from a YAML recipe (use `accelerate launch` for many GPUs)"
     )
     p.add_argument("config", help="YAML recipe, e.g. configs/ade20k_iedp.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    add_set_argument(p)
     p.add_argument(
         "--resume",
         nargs="?",
@@ -194,9 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_train)
 
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("evaluate", help="evaluate a checkpoint on its validation/test split")
     p.add_argument("checkpoint", help="a model checkpoint folder (model.safetensors + config.json)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    add_set_argument(p)
     p.add_argument("--multi-scale", action="store_true", help="segmentation: scales 1.0-1.5 and flips")
     p.add_argument(
         "--save-predictions", metavar="DIR", help="write predictions in the format `iedp score` reads"
@@ -205,16 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(p)
     p.set_defaults(func=_evaluate)
 
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("predict", help="run a checkpoint on your own images and videos")
     p.add_argument("checkpoint")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    add_set_argument(p)
     p.add_argument("--video-batch", type=int, default=4, metavar="N", help="video: frames per forward pass")
     p.add_argument("--raw-frames", action="store_true", help="video: also one label / depth PNG per frame")
     add_device_arguments(p)
     p.set_defaults(func=_predict)
 
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "serve",
         help='a web app over checkpoints: upload an image, see the prediction (pip install "iedp[app]")',
@@ -227,10 +260,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(p)
     p.set_defaults(func=_serve)
 
-    from iedp.score import add_parser as add_score_parser
 
-    add_score_parser(commands)
+def _add_score(commands: argparse._SubParsersAction) -> None:
+    from iedp import score
+    from iedp.metrics.depth import CROPS
 
+    p = commands.add_parser(
+        "score",
+        help="score saved predictions against ground truth",
+        description=score.__doc__.splitlines()[0],
+    )
+    p.add_argument("task", choices=("seg", "depth"), help="segmentation label maps or depth maps")
+    p.add_argument("--pred", type=Path, required=True, help="folder of predictions")
+    p.add_argument("--gt", type=Path, required=True, help="folder of ground truth, same file stems")
+    p.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=score.ADE20K_CLASSES,
+        help=f"seg: number of classes (default: ADE20K's {score.ADE20K_CLASSES})",
+    )
+    p.add_argument(
+        "--reduce-zero-label",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="seg: stored 0 is 'other' (ignored) and v means class v-1, the ADE20K convention (default: on)",
+    )
+    p.add_argument(
+        "--crop", choices=CROPS, default="eigen", help="depth: evaluation crop (eigen needs 480x640 maps)"
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help=f"seg: print every class (default: the {score.SHOWN} best and worst)",
+    )
+    p.set_defaults(func=score.run)
+
+
+def _add_convert_vpd(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "convert-vpd",
         help="import one of VPD's released checkpoints (ADE20K / NYUv2) as an iedp checkpoint (method vpd)",
@@ -255,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", help="override the CLIP part: a transformers CLIP folder")
     p.set_defaults(func=_convert_vpd)
 
+
+def _add_data(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("data", help="inspect the data a config would read")
     data_commands = p.add_subparsers(dest="data_command", required=True)
     p = data_commands.add_parser(
@@ -262,10 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="counts per split, classes, depth range, sizes and every problem, without training (exit 1 on problems)",
     )
     p.add_argument("config", help="YAML recipe, e.g. custom_seg_iedp")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    add_set_argument(p)
     p.add_argument("--limit", type=int, default=None, metavar="N", help="read at most N samples per split")
     p.set_defaults(func=_data_check)
 
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("demo", help="the CPU demo: tiny preset + synthetic scenes, iedp vs vpd, report")
     p.add_argument("--out", default="demo_out")
     p.add_argument(
@@ -275,7 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", default=None, help="tiny-pretrained (default, shipped with the package) or tiny (random)"
     )
     p.set_defaults(func=_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

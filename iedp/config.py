@@ -19,9 +19,9 @@ from typing import Any
 import yaml
 
 from iedp.errors import InputError
+from iedp.methods import METHODS
 
 TASKS = ("seg", "depth")
-METHODS = ("vpd", "implicit", "explicit", "iedp")
 DATASETS = ("synthetic", "ade20k", "nyu", "custom_seg", "custom_depth", "kitti", "cityscapes")
 
 
@@ -139,7 +139,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_choice("model.task", self.model.task, TASKS)
-        _check_choice("model.method", self.model.method, METHODS)
+        _check_choice("model.method", self.model.method, tuple(METHODS))
         _check_choice("data.dataset", self.data.dataset, DATASETS)
         _check_choice("model.class_embedding", self.model.class_embedding, ("projected", "pooled"))
         _check_choice("model.implicit", self.model.implicit, ("queries", "pooled", "patches"))

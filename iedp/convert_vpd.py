@@ -34,10 +34,10 @@ from diffusers.loaders.single_file_utils import (
 )
 from torch import nn
 
-from iedp.checkpoint import save_model
 from iedp.classes import load_class_names
 from iedp.config import config_from_dict, load_config
 from iedp.errors import InputError
+from iedp.model_files import save_model
 from iedp.models.build import assemble_model
 from iedp.weights import load_clip, load_stable_diffusion, resolve_weights
 

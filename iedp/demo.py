@@ -25,18 +25,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from iedp.checkpoint import load_model
 from iedp.config import Config, load_config
 from iedp.engine.data import build_dataset
-from iedp.engine.evaluate import predict_sample
+from iedp.engine.inference import predict_sample
 from iedp.engine.train import train
 from iedp.errors import Interrupted
 from iedp.metrics.depth import DepthMetric
 from iedp.metrics.segmentation import SegmentationMetric
+from iedp.model_files import load_model
 from iedp.models.iedp import IEDPModel
-from iedp.visualize import colorize_depth, colorize_labels, heatmap, palette, panel
+from iedp.visualize import colorize_depth, colorize_labels, heatmap, palette, panel, vstack
 from iedp.weights import resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -146,7 +145,7 @@ def prediction_pictures(task: str, models: dict[str, IEDPModel], config: Config,
         titles += ["ground truth", *models]
         rows.append(panel(images, titles))
     path = out / f"{task}_predictions.png"
-    _stack(rows).save(path)
+    vstack(rows).save(path)
     return path
 
 
@@ -188,19 +187,8 @@ def attention_pictures(model: IEDPModel, config: Config, out: Path) -> Path:
         rows.append(panel(images, titles))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "attention_maps.png"
-    _stack(rows).save(path)
+    vstack(rows).save(path)
     return path
-
-
-def _stack(rows: list[Image.Image]) -> Image.Image:
-    """Rows of pictures one under the other."""
-    width = max(r.width for r in rows)
-    canvas = Image.new("RGB", (width, sum(r.height for r in rows)), "white")
-    y = 0
-    for row in rows:
-        canvas.paste(row, (0, y))
-        y += row.height
-    return canvas
 
 
 def _table(task: str, results: list[RunResult], baseline: dict) -> str:

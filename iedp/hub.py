@@ -13,6 +13,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from iedp.config import Config
+from iedp.methods import METHODS
 from iedp.models.iedp import IEDPModel
 
 METRICS_NAME = "metrics.json"
@@ -21,13 +22,6 @@ CARD_NAME = "README.md"
 SD_V15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_WEIGHTS = ("tiny", "tiny-pretrained")
 
-METHODS = {
-    "vpd": "VPD (Zhao et al., arXiv 2303.02153): the UNet conditioned on fixed class-name text embeddings",
-    "implicit": "IEDP's implicit branch alone: learnable queries over frozen CLIP image tokens",
-    "explicit": "IEDP's explicit branch alone (an oracle: needs the ground-truth label prompt at test time)",
-    "iedp": "IEDP (Wang, Cao et al., arXiv 2404.07600): implicit + explicit language guidance in training, "
-    "the implicit branch alone at inference",
-}
 TASKS = {
     "seg": ("semantic segmentation", "image-segmentation"),
     "depth": ("monocular depth estimation (metres)", "depth-estimation"),
@@ -112,7 +106,7 @@ def model_card(model: IEDPModel, config: Config, metrics: dict | None) -> ModelC
 
 An [iedp](https://arxiv.org/abs/2404.07600) checkpoint for **{task}**.
 
-- **Method:** `{model.method}`: {METHODS[model.method]}.
+- **Method:** `{model.method}`: {METHODS[model.method].description}.
 - **Classes** ({model.num_classes}{" scenes" if model.task == "depth" else ""}): {classes}
 - **Base weights:** `{m.weights}`{f" (SD: `{m.sd}`)" if m.sd else ""}{f" (CLIP: `{m.clip}`)" if m.clip else ""}
 

@@ -17,47 +17,14 @@ import torch
 
 from iedp.data.images import check_same_size, read_depth_png, read_label
 from iedp.errors import InputError
-from iedp.metrics.depth import CROPS, DEPTH_METRICS, DepthMetric
+from iedp.metrics.depth import DEPTH_METRICS, DepthMetric
 from iedp.metrics.segmentation import SegmentationMetric
 from iedp.outputs import check_output_file
 from iedp.resources import read_names
 
-_ADE20K_CLASSES = 150
+ADE20K_CLASSES = 150  # the default --num-classes
 _PREVIEW = 5
-_SHOWN = 5
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``score`` on the CLI's subparsers; the parsed namespace carries ``func=run``."""
-    parser = subparsers.add_parser(
-        "score",
-        help="score saved predictions against ground truth",
-        description=__doc__.splitlines()[0],
-    )
-    parser.add_argument("task", choices=("seg", "depth"), help="segmentation label maps or depth maps")
-    parser.add_argument("--pred", type=Path, required=True, help="folder of predictions")
-    parser.add_argument("--gt", type=Path, required=True, help="folder of ground truth, same file stems")
-    parser.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
-    parser.add_argument(
-        "--num-classes",
-        type=int,
-        default=_ADE20K_CLASSES,
-        help="seg: number of classes (default: ADE20K's 150)",
-    )
-    parser.add_argument(
-        "--reduce-zero-label",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="seg: stored 0 is 'other' (ignored) and v means class v-1, the ADE20K convention (default: on)",
-    )
-    parser.add_argument(
-        "--crop", choices=CROPS, default="eigen", help="depth: evaluation crop (eigen needs 480x640 maps)"
-    )
-    parser.add_argument(
-        "--all", action="store_true", help=f"seg: print every class (default: the {_SHOWN} best and worst)"
-    )
-    parser.set_defaults(func=run)
-    return parser
+SHOWN = 5  # classes printed at each end of the table without --all
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,7 +92,7 @@ def _match(preds: dict[str, Path], gts: dict[str, Path], args: argparse.Namespac
 
 
 def _score_seg(pairs: list[tuple[Path, Path]], num_classes: int, reduce_zero_label: bool) -> dict:
-    names = read_names("ade20k_classes.txt") if num_classes == _ADE20K_CLASSES else None
+    names = read_names("ade20k_classes.txt") if num_classes == ADE20K_CLASSES else None
     metric = SegmentationMetric(num_classes, names)
     for pred_path, gt_path in pairs:
         gt = read_label(gt_path, num_classes, reduce_zero_label)
@@ -174,15 +141,15 @@ def _fmt(value: float) -> str:
 
 
 def _print_seg(metrics: dict, num_images: int, show_all: bool = False) -> None:
-    """The per-class table: every class with ``show_all``, else the best and worst _SHOWN by IoU."""
+    """The per-class table: every class with ``show_all``, else the best and worst SHOWN by IoU."""
     width = max(len(name) for name in metrics["IoU"])
     rows = list(metrics["IoU"].items())
-    if not show_all and len(rows) > 2 * _SHOWN:
+    if not show_all and len(rows) > 2 * SHOWN:
         scored = sorted((r for r in rows if not math.isnan(r[1])), key=lambda r: -r[1])
         unscored = len(rows) - len(scored)
-        if len(scored) > 2 * _SHOWN:
-            hidden = len(scored) - 2 * _SHOWN
-            rows = [*scored[:_SHOWN], (f"... {hidden} more (--all)", math.nan), *scored[-_SHOWN:]]
+        if len(scored) > 2 * SHOWN:
+            hidden = len(scored) - 2 * SHOWN
+            rows = [*scored[:SHOWN], (f"... {hidden} more (--all)", math.nan), *scored[-SHOWN:]]
         else:
             rows = scored
         if unscored:

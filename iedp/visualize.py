@@ -248,3 +248,13 @@ def _hstack(images: Sequence[Image.Image]) -> Image.Image:
         canvas.paste(image, (left, 0))
         left += image.width
     return canvas
+
+
+def vstack(rows: Sequence[Image.Image]) -> Image.Image:
+    """Rows of pictures (e.g. :func:`panel` strips) top to bottom, left-aligned, padded right with white."""
+    canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), BACKGROUND)
+    top = 0
+    for row in rows:
+        canvas.paste(row, (0, top))
+        top += row.height
+    return canvas

@@ -12,11 +12,11 @@ from PIL import Image
 
 import iedp
 from iedp.api import DepthOutput, Pipeline, SegmentationOutput, to_rgb
-from iedp.checkpoint import save_model
 from iedp.config import Config, EvalConfig, ModelConfig
 from iedp.data.images import read_depth_png, read_rgb, write_depth_png
 from iedp.engine.predict import predict_paths
 from iedp.errors import InputError
+from iedp.model_files import save_model
 from iedp.models.build import build_model
 
 CLASSES = ["wall", "floor", "ceiling", "bed", "lamp"]

@@ -22,10 +22,10 @@ gradio_client = pytest.importorskip(
 
 from iedp.api import Pipeline  # noqa: E402
 from iedp.app import depth_scale_bar, serve  # noqa: E402
-from iedp.checkpoint import save_model  # noqa: E402
 from iedp.config import Config, EvalConfig, ModelConfig  # noqa: E402
 from iedp.data.images import read_depth_png, write_depth_png  # noqa: E402
 from iedp.data.synthetic import render_scene  # noqa: E402
+from iedp.model_files import save_model  # noqa: E402
 from iedp.models.build import build_model  # noqa: E402
 from iedp.pointcloud import read_ply  # noqa: E402
 

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
-from iedp.checkpoint import load_model
 from iedp.classes import load_class_names
 from iedp.cli import main
 from iedp.convert_vpd import convert_vpd, read_vpd_state
 from iedp.errors import InputError
+from iedp.model_files import load_model
 from iedp.weights import make_tiny
 
 # -- diffusers -> LDM key layout (the inverse of diffusers' single-file conversion, written out independently) ---

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from iedp.checkpoint import save_model
 from iedp.cli import main
 from iedp.config import Config, ModelConfig
 from iedp.data.images import write_depth_png
 from iedp.engine.evaluate import evaluate_checkpoint
 from iedp.engine.inference import predict_padded, segment, sliding_window, window_starts
+from iedp.model_files import save_model
 from iedp.models.build import build_model
 from iedp.score import run as score
 
@@ -130,7 +130,7 @@ def test_evaluate_nyu_layout_odd_sizes_and_cli(checkpoints, tmp_path):
 
 
 def test_explicit_oracle_is_evaluated_with_the_sample_prompt():
-    from iedp.engine.evaluate import model_predictor
+    from iedp.engine.inference import model_predictor
 
     torch.manual_seed(0)
     cfg = ModelConfig(task="seg", method="explicit", classes="synthetic", neck_channels=16, head_channels=16)

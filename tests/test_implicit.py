@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from test_model import depth_config, seg_config
 
-from iedp.checkpoint import CONFIG_NAME, load_model, save_model
 from iedp.config import Config
 from iedp.errors import InputError
+from iedp.model_files import CONFIG_NAME, load_model, save_model
 from iedp.models.build import build_model
 from iedp.models.guidance import class_token_bank
 from iedp.models.implicit_queries import ImplicitQueries

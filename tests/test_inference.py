@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-from iedp.checkpoint import save_model
 from iedp.cli import main
 from iedp.config import Config, DataConfig, EvalConfig, ModelConfig
 from iedp.data.images import read_depth_png, write_depth_png
@@ -14,6 +13,7 @@ from iedp.engine.evaluate import evaluate_checkpoint
 from iedp.engine.inference import resolve_device, resolve_dtype
 from iedp.engine.predict import predict_paths
 from iedp.errors import InputError
+from iedp.model_files import save_model
 from iedp.models.build import build_model
 
 SMALL_EVAL = EvalConfig(short_side=64, window=64, stride=43, depth_window=64, depth_stride=32, batch_size=4)

@@ -6,12 +6,12 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from iedp.checkpoint import load_model, save_model
 from iedp.config import Config, ModelConfig, TrainConfig
 from iedp.engine.optim import lr_factor, parameter_groups
 from iedp.errors import InputError
+from iedp.methods import METHODS
+from iedp.model_files import load_model, save_model
 from iedp.models.build import build_model
-from iedp.models.iedp import TRAIN_BRANCHES
 
 SIZE = 64  # the smallest input the 4-level UNet + VAE (factor 64) accepts
 
@@ -66,7 +66,7 @@ def test_methods_train_and_predict(task, method):
     model = build_model(cfg)
     batch = seg_batch(model) if task == "seg" else depth_batch()
     losses = model(batch, mode="loss")
-    assert set(losses) == {"loss"} | {f"loss_{b}" for b in TRAIN_BRANCHES[method]}
+    assert set(losses) == {"loss"} | {f"loss_{b}" for b in METHODS[method].train_branches}
     assert torch.isfinite(losses["loss"]) and losses["loss"] > 0
     with torch.no_grad():
         out = model.eval()(batch, mode="predict")

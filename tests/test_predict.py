@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 import iedp.engine.inference as inference
-from iedp.checkpoint import save_model
 from iedp.cli import main
 from iedp.config import Config, EvalConfig, ModelConfig
 from iedp.data.images import read_rgb
 from iedp.engine.predict import expand_inputs, output_stems, predict_paths, write_segmentation
 from iedp.errors import InputError
+from iedp.model_files import save_model
 from iedp.models.build import build_model
 from iedp.visualize import TURBO, colorize_labels, label_legend, overlay, palette
 

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iedp.checkpoint import load_model
 from iedp.cli import main
 from iedp.config import load_config
 from iedp.data.images import read_rgb
 from iedp.engine.train import train
 from iedp.errors import InputError
+from iedp.model_files import load_model
 from iedp.score import run as score
 
 TINY_RUN = [
@@ -163,7 +163,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
         return original(self, output_dir, **kwargs)
 
     monkeypatch.setattr(Accelerator, "save_state", save_state)
-    with caplog.at_level(logging.ERROR, logger="iedp.engine.checkpoints"):
+    with caplog.at_level(logging.ERROR, logger="iedp.engine.train_state"):
         final = train(tiny_config(tmp_path, "train.max_steps=3", "train.checkpoint_every=1"))
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["checkpoint-1", "checkpoint-3"]  # step 2's write failed; training went on
@@ -177,11 +177,11 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 KILL_DURING_SECOND_SAVE = textwrap.dedent("""
     import os, signal, sys
     from iedp.config import load_config
-    from iedp.engine import checkpoints
+    from iedp.engine import train_state
     from iedp.engine.train import train
 
     saves = []
-    write_state = checkpoints.CheckpointManager._write_state
+    write_state = train_state.CheckpointManager._write_state
 
     def dying_write_state(self, folder, step):
         saves.append(step)
@@ -189,7 +189,7 @@ KILL_DURING_SECOND_SAVE = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         write_state(self, folder, step)
 
-    checkpoints.CheckpointManager._write_state = dying_write_state
+    train_state.CheckpointManager._write_state = dying_write_state
     train(load_config("demo_seg", sys.argv[1:]))
 """)
 

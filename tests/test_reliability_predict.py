@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from iedp.checkpoint import load_model, save_model
 from iedp.cli import main
 from iedp.config import Config, EvalConfig, ModelConfig
 from iedp.data.images import default_max_pixels, read_rgb
@@ -17,6 +16,7 @@ from iedp.engine import inference
 from iedp.engine.inference import predict_image, resized_argmax
 from iedp.engine.predict import output_stems
 from iedp.errors import InputError
+from iedp.model_files import load_model, save_model
 from iedp.models.build import build_model
 from iedp.score import run as score
 

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from iedp.checkpoint import load_model
 from iedp.cli import main
 from iedp.config import load_config
 from iedp.engine import train as train_module
 from iedp.engine.train import train
 from iedp.errors import InputError, Interrupted
+from iedp.model_files import load_model
 
 TINY_RUN = [
     "model.weights=tiny",

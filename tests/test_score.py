@@ -9,14 +9,13 @@ import pytest
 from PIL import Image
 
 from iedp import score
+from iedp.cli import build_parser
 from iedp.data.images import write_depth_png
 from iedp.errors import InputError
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="iedp")
-    score.add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(["score", *argv])
+    return build_parser().parse_args(["score", *argv])
 
 
 def _write_labels(folder, maps: dict[str, list[list[int]]]) -> None:

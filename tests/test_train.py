@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from iedp.checkpoint import load_model
 from iedp.config import load_config
 from iedp.engine.train import train
+from iedp.model_files import load_model
 
 COMMON = [
     "model.weights=tiny",

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from iedp.api import Pipeline
-from iedp.checkpoint import save_model
 from iedp.cli import main
 from iedp.config import Config, EvalConfig, ModelConfig
 from iedp.data.images import read_depth_png
+from iedp.model_files import save_model
 from iedp.models.build import build_model
 
 av = pytest.importorskip("av", reason='video needs PyAV: pip install "iedp[video]"')

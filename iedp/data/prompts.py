@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from iedp.visualize import classes_by_area
+
 _EMPTY_PROMPT = "a photo"
 
 
@@ -21,19 +23,6 @@ def _join_names(names: Sequence[str]) -> str:
 
 def _photo_of(names: Sequence[str]) -> str:
     return f"a photo of a {_join_names(names)}" if names else _EMPTY_PROMPT
-
-
-def classes_by_area(label: np.ndarray | torch.Tensor, num_classes: int, ignore_index: int = 255) -> list[int]:
-    """Class indices present in ``label``, largest pixel count first (ties: lower index first)."""
-    values = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-    values = values.reshape(-1).astype(np.int64)
-    values = values[values != ignore_index]
-    if values.size and (values.min() < 0 or values.max() >= num_classes):
-        bad = values[(values < 0) | (values >= num_classes)][0]
-        raise ValueError(f"label value {bad} outside 0..{num_classes - 1} (ignore index {ignore_index})")
-    counts = np.bincount(values, minlength=num_classes)
-    order = np.argsort(-counts, kind="stable")
-    return [int(c) for c in order if counts[c] > 0]
 
 
 def seg_prompt(
@@ -50,7 +39,12 @@ def seg_prompt(
     dropping the smallest classes, so that a long list still ends in a clean "... and x" instead
     of being cut mid-name by the tokenizer. ``None`` keeps every class.
     """
-    names = [class_names[c] for c in classes_by_area(label, len(class_names), ignore_index)]
+    values = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    present = [c for c, _ in classes_by_area(values, ignore_index)]
+    bad = [c for c in present if not 0 <= c < len(class_names)]
+    if bad:
+        raise ValueError(f"label value {bad[0]} outside 0..{len(class_names) - 1} (ignore index {ignore_index})")
+    names = [class_names[c] for c in present]
     if tokenizer_max_words is not None:
         while names and len(_photo_of(names).split()) > tokenizer_max_words:
             names.pop()

@@ -13,18 +13,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from iedp.checkpoint import load_model
 from iedp.config import Config, apply_overrides
 from iedp.data.images import write_depth_png
 from iedp.engine.data import build_dataset
-from iedp.engine.inference import (  # noqa: F401  model_predictor, predict_sample: re-exported, as before
-    model_predictor,
-    predict_sample,
-    resolve_device,
-    resolve_dtype,
-)
+from iedp.engine.inference import predict_sample, resolve_device, resolve_dtype
 from iedp.metrics.depth import DepthMetric
 from iedp.metrics.segmentation import SegmentationMetric
+from iedp.model_files import load_model
 from iedp.models.iedp import IEDPModel
 
 logger = logging.getLogger(__name__)

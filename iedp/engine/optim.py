@@ -18,6 +18,12 @@ NORM_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
 GROUP_RULES = ("mmseg", "ldm")
 
 
+def decays_by_rank(param: torch.Tensor) -> bool:
+    """Weight decay by tensor rank (nanoGPT's rule): matrices and convolution kernels decay; vectors (biases, norm
+    scales) and scalars do not."""
+    return param.ndim >= 2
+
+
 def _norm_params(modules: Iterable[nn.Module]) -> set[int]:
     return {id(p) for m in modules for sub in m.modules() if isinstance(sub, NORM_LAYERS) for p in sub.parameters()}
 
@@ -66,7 +72,7 @@ def parameter_groups(
         in_unet = id(p) in unet_ids
         part, lr_mult = ("unet", unet_lr_mult) if in_unet else ("head", 1.0)
         if rule == "ldm":
-            decay = not (p.ndim == 1 or name.endswith(".bias"))
+            decay = decays_by_rank(p) and not name.endswith(".bias")  # VPD's models hold no 0-d parameters
         elif in_unet and id(p) in attention_norms:
             return "unet_attention_norm", 1.0, 0.0
         else:

@@ -36,11 +36,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from iedp.api import Pipeline
-from iedp.checkpoint import load_model
 from iedp.config import Config, apply_overrides
 from iedp.data.images import read_rgb, write_depth_png
 from iedp.engine.inference import predict_image, predict_labels, resolve_device, resolve_dtype
 from iedp.errors import InputError
+from iedp.model_files import load_model
 from iedp.models.iedp import IEDPModel
 from iedp.outputs import check_output_dir
 from iedp.video import is_video, predict_video

@@ -20,10 +20,10 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from iedp.config import Config
-from iedp.engine.checkpoints import CheckpointManager
 from iedp.engine.data import build_dataset, make_loader
 from iedp.engine.evaluate import evaluate_model
 from iedp.engine.optim import build_optimizer
+from iedp.engine.train_state import CheckpointManager
 from iedp.errors import InputError, Interrupted
 from iedp.models.build import build_model
 

@@ -1,11 +1,4 @@
-"""The task model: guidance -> adapter -> diffusion backbone -> neck/head, for the four methods of DESIGN §1.
-
-| method   | training context                     | inference context                |
-|----------|--------------------------------------|----------------------------------|
-| vpd      | class tokens (seg) / GT scene token  | same                             |
-| implicit | class tokens + implicit tokens       | same                             |
-| explicit | class tokens + explicit tokens       | same (an oracle: needs labels)   |
-| iedp     | both branches, losses summed         | implicit only                    |
+"""The task model: guidance -> adapter -> diffusion backbone -> neck/head, for the methods of :mod:`iedp.methods`.
 
 Implicit tokens: learnable queries reading the frozen CLIP image tokens (``model.implicit=queries``, the paper) or
 CLIP's frozen image embedding (``pooled``). Explicit tokens: the label prompt's CLIP text token sequence.
@@ -22,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iedp.config import ModelConfig
+from iedp.methods import METHODS
 from iedp.models.adapter import TextAdapter
 from iedp.models.backbone import DiffusionBackbone
 from iedp.models.guidance import ExplicitGuidance, ImplicitGuidance
@@ -33,13 +27,6 @@ from iedp.models.losses import segmentation_loss, silog_loss
 
 logger = logging.getLogger(__name__)
 
-TRAIN_BRANCHES = {
-    "vpd": ("vpd",),
-    "implicit": ("implicit",),
-    "explicit": ("explicit",),
-    "iedp": ("implicit", "explicit"),
-}
-INFER_BRANCH = {"vpd": "vpd", "implicit": "implicit", "explicit": "explicit", "iedp": "implicit"}
 
 
 class IEDPModel(nn.Module):
@@ -79,7 +66,7 @@ class IEDPModel(nn.Module):
         self.implicit = implicit
         self.explicit = explicit
         self.adapter = TextAdapter(width, config.adapter_gamma_init)
-        uses_implicit = "implicit" in TRAIN_BRANCHES[self.method]
+        uses_implicit = "implicit" in METHODS[self.method].train_branches
         self.implicit_queries = (
             ImplicitQueries(
                 implicit.out_dim,
@@ -200,7 +187,7 @@ class IEDPModel(nn.Module):
     # -- public API ----------------------------------------------------------------------------------------------
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         """Training losses: ``loss`` (the total to minimise) and ``loss_<branch>`` for each branch."""
-        branches = TRAIN_BRANCHES[self.method]
+        branches = METHODS[self.method].train_branches
         predictions = self.run_branches(branches, batch)
         losses = {}
         for branch, prediction in predictions.items():
@@ -214,7 +201,7 @@ class IEDPModel(nn.Module):
 
     def predict(self, batch: dict) -> torch.Tensor:
         """Inference with the method's inference context: seg logits (B, K, H, W) or depth (B, 1, H, W), metres."""
-        branch = INFER_BRANCH[self.method]
+        branch = METHODS[self.method].infer_branch
         return self.run_branches((branch,), batch)[branch]
 
     def forward(self, batch: dict, mode: str = "loss") -> dict[str, torch.Tensor] | torch.Tensor:

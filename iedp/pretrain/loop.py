@@ -10,6 +10,8 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch import nn
 
+from iedp.engine.optim import decays_by_rank
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,8 +35,8 @@ def fit(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if decays_by_rank(p)], "weight_decay": weight_decay},
+        {"params": [p for p in params if not decays_by_rank(p)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=lr)
     scheduler = get_scheduler(

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from iedp.visualize import BACKGROUND, panel
+from iedp.visualize import panel, vstack
 
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
@@ -27,12 +27,7 @@ def sample_grid(rows: Sequence[tuple[str, np.ndarray, Sequence[np.ndarray]]]) ->
         panel([real, *generated], [f"real {scene}", *[f"gen {scene}"] * len(generated)])
         for scene, real, generated in rows
     ]
-    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), BACKGROUND)
-    top = 0
-    for strip in strips:
-        grid.paste(strip, (0, top))
-        top += strip.height
-    return grid
+    return vstack(strips)
 
 
 def reconstruction_grid(inputs: torch.Tensor, reconstructions: torch.Tensor) -> Image.Image:
@@ -42,10 +37,7 @@ def reconstruction_grid(inputs: torch.Tensor, reconstructions: torch.Tensor) -> 
         panel(to_uint8(inputs), ["input"] * count),
         panel(to_uint8(reconstructions), ["VAE reconstruction"] * count),
     ]
-    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), BACKGROUND)
-    grid.paste(strips[0], (0, 0))
-    grid.paste(strips[1], (0, strips[0].height))
-    return grid
+    return vstack(strips)
 
 
 def loss_summary(losses: Sequence[float]) -> tuple[float, float]:

@@ -1,7 +1,7 @@
-"""Training checkpoints: ``checkpoints/checkpoint-{step}/`` folders written atomically.
+"""Training state, to resume a run: ``checkpoints/checkpoint-{step}/`` folders written atomically.
 
 Each holds Accelerate's state (optimizer, lr schedule, sampler, RNG and scaler states) plus ``model/``, a
-self-contained model checkpoint (:mod:`iedp.checkpoint`) that ``iedp evaluate`` and ``iedp predict`` accept as it
+self-contained model checkpoint (:mod:`iedp.model_files`) that ``iedp evaluate`` and ``iedp predict`` accept as it
 is. A folder is written under a temporary name and renamed once complete, with ``state.json`` last, so a crash
 mid-write leaves the previous checkpoint as the newest complete one.
 """
@@ -20,9 +20,9 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from iedp.checkpoint import WEIGHTS_NAME, check_finite, save_model
 from iedp.config import Config
 from iedp.errors import InputError
+from iedp.model_files import WEIGHTS_NAME, check_finite, load_weights, save_model
 from iedp.models.iedp import IEDPModel
 
 logger = logging.getLogger(__name__)
@@ -59,16 +59,7 @@ class CheckpointManager:
             model = self.accelerator.unwrap_model(models.pop())
             state = load_file(path)
             check_finite(state, path)
-            try:
-                missing, unexpected = model.load_state_dict(state, strict=False)
-            except RuntimeError as error:  # shapes differ: another task, class count or architecture
-                first = str(error).strip().splitlines()[-1].strip()
-                raise InputError(f"checkpoint {path}: does not match this model ({first})") from None
-            missing = [k for k in missing if not k.startswith("explicit.")]
-            if missing or unexpected:
-                raise InputError(
-                    f"checkpoint {path}: does not match this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-                )
+            load_weights(model, state, path)
 
     def complete(self) -> list[tuple[int, Path]]:
         """(step, folder) of every complete checkpoint, oldest first."""

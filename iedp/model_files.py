@@ -1,5 +1,6 @@
-"""Self-contained model checkpoints: ``model.safetensors`` plus ``config.json`` (the resolved run config, the class
-names and the configs of the pretrained parts), so ``predict`` and ``evaluate`` need nothing else. Never pickle.
+"""Model files: a trained model, self-contained. ``model.safetensors`` plus ``config.json`` (the resolved run config,
+the class names and the configs of the pretrained parts), so ``predict`` and ``evaluate`` need nothing else. Never
+pickle. (A training checkpoint's optimizer and RNG state is :mod:`iedp.engine.train_state`.)
 
 The frozen CLIP text tower is not stored: inference of vpd / implicit / iedp never runs it (the class tokens are
 in the weights), and the ``explicit`` oracle loads it from the weights named in the config.
@@ -117,6 +118,26 @@ def check_finite(state: dict, path: str | Path) -> None:
         )
 
 
+def load_weights(model: IEDPModel, state: dict, path: str | Path, assign: bool = False) -> None:
+    """Load ``state`` into ``model``; weights of another task, class count or architecture are an InputError naming
+    ``path``. The text tower (``explicit.*``) is never stored, so it may be missing.
+
+    Args:
+        assign: take the tensors as they are (a model built on the meta device), instead of copying into it.
+    """
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
+    except RuntimeError as error:  # shapes differ
+        first = str(error).strip().splitlines()[-1].strip()
+        raise InputError(f"checkpoint {path}: does not match this model ({first})") from None
+    missing = [key for key in missing if not key.startswith("explicit.")]
+    if missing or unexpected:
+        raise InputError(
+            f"checkpoint {path}: does not match this model "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]})"
+        )
+
+
 def _check_meta(meta: dict, path: Path) -> None:
     """The parts of ``config.json`` that :func:`load_model` reads, each of the right type: one line naming it."""
     where = f"checkpoint {path / CONFIG_NAME}"
@@ -166,16 +187,7 @@ def load_model(path: str | Path, with_text: bool = False) -> tuple[IEDPModel, Co
             f"checkpoint {path / CONFIG_NAME}: its component configs do not build a model "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
         ) from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[-1].strip()
-        raise InputError(f"checkpoint {path}: weights do not match its config ({first})") from None
-    if missing or unexpected:
-        raise InputError(
-            f"checkpoint {path}: weights do not match its config "
-            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]})"
-        )
+    load_weights(model, state, path, assign=True)
     if with_text or config.model.method == "explicit":
         model.explicit = load_explicit(config.model)
     return model.eval(), config
