@@ -161,8 +161,8 @@ def attention_pictures(model: IEDPModel, config: Config, out: Path) -> Path:
         sample = val_set[index]
         image = sample["image"][None]
         tokens = model.guidance_tokens("implicit", image, {})
-        features = model.backbone(model.backbone.encode(image), model.context(tokens, 1)).features
-        maps = features[16][0, -C:]  # (C, H/16, W/16)
+        output = model.backbone(model.backbone.encode(image), model.context(tokens, 1))
+        maps = output.class_attention[16][0]  # (C, H/16, W/16)
         present = torch.bincount(sample["label"][sample["label"] != 255].flatten(), minlength=C).argsort(
             descending=True
         )

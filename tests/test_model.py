@@ -83,13 +83,19 @@ def test_backbone_feature_pyramid(seg_model):
     assert backbone.out_channels == {8: widths[3], 16: widths[2] + C, 32: widths[1] + C, 64: widths[0]}
     images = torch.rand(1, 3, 128, 192) * 2 - 1
     context = seg_model.context(None, 1)
-    features = backbone(backbone.encode(images), context).features
+    output = backbone(backbone.encode(images), context)
+    features = output.features
     assert {s: tuple(f.shape) for s, f in features.items()} == {
         s: (1, backbone.out_channels[s], 128 // s, 192 // s) for s in (8, 16, 32, 64)
     }
     # the class maps are attention probabilities averaged over heads and layers: in [0, 1], summing to <= 1
     maps = features[16][:, -C:]
     assert maps.min() >= 0 and maps.sum(dim=1).max() <= 1 + 1e-5
+    # ... and the backbone names them: the same maps as the last C channels of each map stride's feature
+    assert sorted(output.class_attention) == sorted(backbone.map_strides)
+    for stride, named in output.class_attention.items():
+        assert named.shape == (1, C, 128 // stride, 192 // stride)
+        assert torch.equal(named, features[stride][:, -C:])
 
 
 def test_capture_processor_matches_stock_and_naive_reference(seg_model):

@@ -324,16 +324,16 @@ def class_attention(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """(C, H, W) class cross-attention maps of a segmentation model for an H×W×3 image: the maps the backbone
-    concatenates onto its finest captured level (heads and layers averaged), over the same windows as the
+    captures at its finest map stride (heads and layers averaged), over the same windows as the
     prediction, bilinearly resized to the image."""
     backbone = model.backbone
     if model.task != "seg" or not backbone.map_strides:
         raise ValueError("class attention maps need a segmentation model with model.attention_maps=true")
-    stride, classes = min(backbone.map_strides), model.num_classes
+    stride = min(backbone.map_strides)
     captured: dict[str, torch.Tensor] = {}
 
     def keep_maps(_module, _args, output):
-        captured["maps"] = output.features[stride][:, -classes:]
+        captured["maps"] = output.class_attention[stride]
 
     predict = model_predictor(model, {}, device)
 

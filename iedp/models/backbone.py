@@ -8,7 +8,7 @@ output of the last up block, keyed by their stride in the image; class cross-att
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -19,9 +19,16 @@ from iedp.models.attention import AttentionStore, ClassAttentionProcessor
 
 @dataclass
 class BackboneOutput:
-    """``features[stride]``: (B, C_s, H/stride, W/stride), strides 8, 16, 32, 64 for SD's four levels."""
+    """What the backbone reads out of one UNet pass, by stride in the image.
+
+    ``features[stride]``: (B, C_s, H/stride, W/stride), strides 8, 16, 32, 64 for SD's four levels; at the map
+    strides the class attention maps are already concatenated at the end (C_s = UNet channels + C), as the neck
+    takes them. ``class_attention[stride]``: the same maps on their own, (B, C, H/stride, W/stride), at each map
+    stride (empty when the backbone captures none).
+    """
 
     features: dict[int, torch.Tensor]
+    class_attention: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class DiffusionBackbone(nn.Module):
@@ -147,14 +154,15 @@ class DiffusionBackbone(nn.Module):
         self.store.clear()
         timesteps = torch.full((B,), self.timestep, device=latents.device, dtype=torch.long)
         self.unet(latents.to(self.unet.dtype), timesteps, encoder_hidden_states=context.to(self.unet.dtype))
-        features = {}
+        features, class_attention = {}, {}
         for stride in sorted(self.feature_strides.values()):
             feature = self._features[stride]
             if stride in self.map_strides:
                 s = stride // self.vae_stride
                 maps = self.store.mean((h // s) * (w // s))  # (B, h·w, C)
-                maps = maps.transpose(1, 2).reshape(B, -1, h // s, w // s).to(feature.dtype)
+                maps = maps.transpose(1, 2).reshape(B, -1, h // s, w // s).to(feature.dtype)  # (B, C, h/s, w/s)
+                class_attention[stride] = maps
                 feature = torch.cat([feature, maps], dim=1)
             features[stride] = feature
         self._features.clear()
-        return BackboneOutput(features=features)
+        return BackboneOutput(features=features, class_attention=class_attention)
