@@ -59,6 +59,10 @@ class DiffusionBackbone(nn.Module):
         unet.conv_out.requires_grad_(False)
         self.vae = vae.requires_grad_(False).eval()
         self.latent_scale = latent_scale
+        # The VAE encoder's input memory format: None picks channels_last on a CPU, where oneDNN runs the
+        # encoder's convolutions faster on it (BENCHMARKS.md, "Our defaults vs VPD's configuration"), and the
+        # contiguous format elsewhere (channels_last was slower on an H100); True/False force one.
+        self.encoder_channels_last: bool | None = None
         self._encode = self._posterior_mean
         self.timestep = timestep
         self.vae_stride = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -130,8 +134,19 @@ class DiffusionBackbone(nn.Module):
         self.vae.eval()  # frozen parts stay in eval mode
         return self
 
+    def encoder_uses_channels_last(self, device: torch.device) -> bool:
+        """Whether :meth:`encode` gives the VAE encoder channels_last input on ``device``."""
+        if self.encoder_channels_last is None:
+            return device.type == "cpu"
+        return self.encoder_channels_last
+
     def _posterior_mean(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(images).latent_dist.mean
+        if not self.encoder_uses_channels_last(images.device):
+            return self.vae.encode(images).latent_dist.mean
+        # Only the input is reordered (the convolutions follow its format; the weights stay as loaded), and the
+        # UNet gets contiguous latents all the same.
+        latents = self.vae.encode(images.contiguous(memory_format=torch.channels_last)).latent_dist.mean
+        return latents.contiguous()
 
     def compile_encoder(self) -> None:
         """torch.compile the frozen VAE encoder, the costliest stage of inference on a GPU (about 1.8× faster
