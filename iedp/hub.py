@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from iedp.config import Config
 from iedp.methods import METHODS
 from iedp.models.iedp import IEDPModel
+from iedp.models.tasks import TASKS
 
 METRICS_NAME = "metrics.json"
 CARD_NAME = "README.md"
@@ -22,10 +23,6 @@ CARD_NAME = "README.md"
 SD_V15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_WEIGHTS = ("tiny", "tiny-pretrained")
 
-TASKS = {
-    "seg": ("semantic segmentation", "image-segmentation"),
-    "depth": ("monocular depth estimation (metres)", "depth-estimation"),
-}
 SUMMARY_METRICS = {
     "seg": ("mIoU", "mAcc", "aAcc"),
     "depth": ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"),
@@ -73,7 +70,7 @@ def metrics_table(metrics: dict | None, task: str) -> str:
 
 def model_card(model: IEDPModel, config: Config, metrics: dict | None) -> ModelCard:
     """The card of a checkpoint: task, method, training config, metrics of its last evaluation, licence, usage."""
-    task, pipeline_tag = TASKS[model.task]
+    task, pipeline_tag = TASKS[model.task].card
     licence, licence_text = base_licence(config)
     tiny = licence == "apache-2.0"
     data = ModelCardData(

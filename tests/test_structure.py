@@ -136,3 +136,10 @@ def test_every_module_imports_in_isolation() -> None:
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+
+
+def test_task_table_matches_the_config_task_names() -> None:
+    from iedp.config import TASKS as CONFIG_TASKS
+    from iedp.models.tasks import TASKS
+
+    assert tuple(TASKS) == CONFIG_TASKS, "a task needs its entry in models/tasks.py and its name in config.TASKS"

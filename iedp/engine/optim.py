@@ -141,8 +141,8 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over VPD's groups for ``task`` (seg: the mmseg rule, depth: the ldm rule) and the lr schedule.
 
-    The task heads are the model's ``neck`` and ``head`` where it has them."""
-    heads = [m for m in (getattr(model, "neck", None), getattr(model, "head", None)) if isinstance(m, nn.Module)]
+    The task heads are the parts the model's task built (its ``head_parts``: FPN neck and head, or depth head)."""
+    heads = [getattr(model, name) for name in getattr(model, "head_parts", ())]
     groups = parameter_groups(
         model,
         unet,

@@ -11,6 +11,7 @@ from iedp.config import ModelConfig
 from iedp.models.backbone import DiffusionBackbone
 from iedp.models.guidance import ExplicitGuidance, ImplicitGuidance, class_token_bank
 from iedp.models.iedp import IEDPModel
+from iedp.models.tasks import TASKS
 from iedp.weights import load_clip, load_stable_diffusion, resolve_weights
 
 
@@ -24,7 +25,7 @@ def assemble_model(
     class_names: list[str],
 ) -> IEDPModel:
     """Wire already-loaded parts together (shared by :func:`build_model` and checkpoint loading)."""
-    capture = config.task == "seg" and config.attention_maps
+    capture = TASKS[config.task].class_tokens_lead and config.attention_maps
     backbone = DiffusionBackbone(
         unet, vae, config.latent_scale, num_class_tokens=len(class_names) if capture else 0
     )

@@ -138,6 +138,26 @@ class ExplicitGuidance(nn.Module):
         return self.embed(prompts)[:, None]  # (B, 1, D)
 
 
+def no_tokens(class_tokens: torch.Tensor, batch: dict, batch_size: int, device: torch.device) -> None:
+    """VPD's segmentation branch: no guidance tokens, the class tokens alone make the context."""
+    return None
+
+
+def scene_tokens(
+    class_tokens: torch.Tensor, batch: dict, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """VPD's depth branch: (B, 1, D), the scene token of each sample's ground-truth scene (``batch["scene_id"]``,
+    rows of the (C, D) ``class_tokens``), or the mean scene token where the scene is unknown (-1, or no ids)."""
+    scene_ids = batch.get("scene_id")
+    if scene_ids is None:
+        scene_ids = torch.full((batch_size,), -1, dtype=torch.long)
+    scene_ids = torch.as_tensor(scene_ids, device=device)
+    known = scene_ids >= 0
+    tokens = class_tokens[scene_ids.clamp(min=0)]
+    tokens = torch.where(known[:, None], tokens, class_tokens.mean(dim=0, keepdim=True))
+    return tokens[:, None]
+
+
 def class_templates(template: str) -> list[str]:
     """The prompt templates of one class token: ``template`` itself, or for ``"clip80"`` the 80 templates of
     CLIP's ImageNet zero-shot classifier, which VPD averages for its NYUv2 scene tokens."""

@@ -19,11 +19,8 @@ from iedp.methods import METHODS
 from iedp.models.adapter import TextAdapter
 from iedp.models.backbone import DiffusionBackbone
 from iedp.models.guidance import ExplicitGuidance, ImplicitGuidance
-from iedp.models.heads.depth_head import DepthHead
-from iedp.models.heads.fpn import FPN
-from iedp.models.heads.fpn_head import FPNHead
 from iedp.models.implicit_queries import ImplicitQueries
-from iedp.models.losses import segmentation_loss, silog_loss
+from iedp.models.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -81,25 +78,11 @@ class IEDPModel(nn.Module):
         self.register_buffer("class_tokens", class_tokens.float().clone())
         self.strides = sorted(backbone.out_channels)
         in_channels = [backbone.out_channels[s] for s in self.strides]
-        if self.task == "seg":
-            self.neck = FPN(in_channels, config.neck_channels)
-            self.head = FPNHead(
-                config.neck_channels,
-                self.strides,
-                len(class_names),
-                channels=config.head_channels,
-                dropout=config.dropout,
-                norm=config.head_norm,
-            )
-        else:
-            self.head = DepthHead(
-                in_channels,
-                max_depth=config.max_depth,
-                deconv_channels=config.depth_deconv_channels,
-                fuse_channels=config.depth_fuse_channels,
-                head_channels=config.depth_head_channels,
-                norm=config.head_norm,
-            )
+        self.task_spec = TASKS[self.task]
+        head_parts = self.task_spec.build_head(config, self.strides, in_channels, len(class_names))
+        for name, part in head_parts.items():
+            self.add_module(name, part)
+        self.head_parts = tuple(head_parts)  # applied in this order to the feature pyramid
 
     @property
     def unet(self) -> nn.Module:
@@ -115,7 +98,8 @@ class IEDPModel(nn.Module):
 
     # -- context -------------------------------------------------------------------------------------------------
     def guidance_tokens(self, branch: str, images: torch.Tensor, batch: dict) -> torch.Tensor | None:
-        """(B, T, D) guidance tokens of one branch, or None (VPD segmentation: class tokens only)."""
+        """(B, T, D) guidance tokens of one branch, or None (VPD segmentation: class tokens only); VPD's branch
+        takes what the task's table entry gives it."""
         if branch == "implicit":
             visual = self.implicit(images)  # frozen CLIP: (B, T, D_vis) tokens, or (B, 1, D) image_embeds
             return visual if self.implicit_queries is None else self.implicit_queries(visual)
@@ -127,17 +111,7 @@ class IEDPModel(nn.Module):
             if "prompt" not in batch:
                 raise ValueError("the explicit branch needs label prompts (batch['prompt'])")
             return self.explicit(list(batch["prompt"])).to(images.device)
-        if self.task == "seg":
-            return None
-        # VPD depth: the scene token of the ground-truth scene; the mean scene token when it is unknown.
-        scene_ids = batch.get("scene_id")
-        if scene_ids is None:
-            scene_ids = torch.full((images.shape[0],), -1, dtype=torch.long)
-        scene_ids = torch.as_tensor(scene_ids, device=images.device)
-        known = scene_ids >= 0
-        tokens = self.class_tokens[scene_ids.clamp(min=0)]
-        tokens = torch.where(known[:, None], tokens, self.class_tokens.mean(dim=0, keepdim=True))
-        return tokens[:, None]
+        return self.task_spec.vpd_guidance(self.class_tokens, batch, images.shape[0], images.device)
 
     @torch.no_grad()
     def implicit_attention(self, images: torch.Tensor) -> torch.Tensor:
@@ -151,8 +125,9 @@ class IEDPModel(nn.Module):
         return weights[..., 1:].reshape(B, N, grid, grid)
 
     def context(self, guidance: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-        """adapter([class tokens; guidance tokens]) -> (B, C + T, D); depth has no class-token part."""
-        parts = [self.class_tokens.expand(batch_size, -1, -1)] if self.task == "seg" else []
+        """adapter([class tokens; guidance tokens]) -> (B, C + T, D); the class-token part only where the task's
+        class tokens lead the context (not depth's scene tokens)."""
+        parts = [self.class_tokens.expand(batch_size, -1, -1)] if self.task_spec.class_tokens_lead else []
         if guidance is not None:
             parts.append(guidance.to(self.class_tokens.dtype))
         return self.adapter(torch.cat(parts, dim=1))
@@ -160,14 +135,12 @@ class IEDPModel(nn.Module):
     # -- decoding ------------------------------------------------------------------------------------------------
     def decode(self, features: dict[int, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """Backbone features -> seg logits (B, K, H, W) or depth in metres (B, 1, H, W) at the input size."""
-        pyramid = [features[s] for s in self.strides]
-        if self.task == "seg":
-            logits = self.head(self.neck(pyramid))
-            return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        depth = self.head(pyramid)
-        if depth.shape[-2:] != size:
-            depth = F.interpolate(depth, size=size, mode="bilinear", align_corners=False)
-        return depth
+        prediction = [features[s] for s in self.strides]
+        for name in self.head_parts:
+            prediction = getattr(self, name)(prediction)
+        if prediction.shape[-2:] != size:
+            prediction = F.interpolate(prediction, size=size, mode="bilinear", align_corners=False)
+        return prediction
 
     def run_branches(self, branches: tuple[str, ...], batch: dict) -> dict[str, torch.Tensor]:
         """Predictions of each branch; branches whose contexts have the same length share one UNet call (2B)."""
@@ -191,10 +164,7 @@ class IEDPModel(nn.Module):
         predictions = self.run_branches(branches, batch)
         losses = {}
         for branch, prediction in predictions.items():
-            if self.task == "seg":
-                losses[f"loss_{branch}"] = segmentation_loss(prediction, batch["label"])
-            else:
-                losses[f"loss_{branch}"] = silog_loss(prediction, batch["depth"])
+            losses[f"loss_{branch}"] = self.task_spec.loss(prediction, batch[self.task_spec.target])
         weights = {"explicit": self.config.explicit_weight if self.method == "iedp" else 1.0}
         losses["loss"] = sum(weights.get(b, 1.0) * losses[f"loss_{b}"] for b in branches)
         return losses

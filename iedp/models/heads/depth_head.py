@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iedp.config import ModelConfig
 from iedp.models.heads.norm import build_norm
 
 
@@ -133,3 +134,18 @@ class DepthHead(nn.Module):
         fused = self.fuse(torch.cat([reduced0, reduced1, level2, upsampled3], dim=1))  # B x fuse x H_2 x W_2
         decoded = self.decoder(fused)  # B x head_channels x H x W
         return torch.sigmoid(self.predict(decoded)) * self.max_depth  # B x 1 x H x W
+
+
+def build_depth_head(
+    config: ModelConfig, strides: list[int], in_channels: list[int], num_classes: int
+) -> dict[str, nn.Module]:
+    """The depth head of the task table (DESIGN §1.7); the strides and scene count do not change it."""
+    head = DepthHead(
+        in_channels,
+        max_depth=config.max_depth,
+        deconv_channels=config.depth_deconv_channels,
+        fuse_channels=config.depth_fuse_channels,
+        head_channels=config.depth_head_channels,
+        norm=config.head_norm,
+    )
+    return {"head": head}

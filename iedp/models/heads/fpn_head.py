@@ -7,6 +7,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iedp.config import ModelConfig
+from iedp.models.heads.fpn import FPN
 from iedp.models.heads.norm import build_norm
 
 
@@ -89,3 +91,19 @@ class FPNHead(nn.Module):
                 head(x), size=fused.shape[-2:], mode="bilinear", align_corners=False
             )
         return self.classifier(self.dropout(fused))
+
+
+def build_segmentation_head(
+    config: ModelConfig, strides: list[int], in_channels: list[int], num_classes: int
+) -> dict[str, nn.Module]:
+    """The segmentation head of the task table: FPN neck, then the Semantic-FPN head (DESIGN §1.7)."""
+    neck = FPN(in_channels, config.neck_channels)
+    head = FPNHead(
+        config.neck_channels,
+        strides,
+        num_classes,
+        channels=config.head_channels,
+        dropout=config.dropout,
+        norm=config.head_norm,
+    )
+    return {"neck": neck, "head": head}
