@@ -25,7 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-# variant -> config overrides; every variant of one seed sees the same scenes in the same order.
+# variant -> config overrides: every method of iedp.methods.METHODS (the implicit branch in both of its forms);
+# every variant of one seed sees the same scenes in the same order.
 VARIANTS = {
     "vpd": ["model.method=vpd"],
     "implicit (queries)": ["model.method=implicit", "model.implicit=queries"],

@@ -67,3 +67,10 @@ def test_curve_table_averages_each_evaluated_step_over_seeds():
     assert lines[0] == "| seg mIoU at step | 50 | 100 |"
     assert lines[2:] == ["| vpd | 7.000 | 10.000 |", "| iedp | – | 12.500 |"]
     assert ablation.curve_table([r for r in data if "curve" not in r], "seg") == ""
+
+
+def test_variants_run_every_method_of_the_package():
+    from iedp.methods import METHODS
+
+    methods = {o.split("=", 1)[1] for v in ablation.VARIANTS.values() for o in v if o.startswith("model.method=")}
+    assert methods == set(METHODS)
