@@ -35,10 +35,11 @@ from diffusers.loaders.single_file_utils import (
 from torch import nn
 
 from iedp.classes import load_class_names
-from iedp.config import config_from_dict, load_config
+from iedp.config import Config, config_from_dict, load_config
 from iedp.errors import InputError
 from iedp.model_files import save_model
 from iedp.models.build import assemble_model
+from iedp.models.iedp import IEDPModel
 from iedp.weights import load_clip, load_stable_diffusion, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -292,8 +293,37 @@ def convert_vpd(
     sd_path, clip_path = resolve_weights(weights, sd, clip)
     unet, vae = load_stable_diffusion(sd_path)
     image_encoder, _, _ = load_clip(clip_path, text=False)
+    config = _vpd_config(task, state, weights, sd, clip)
+    names = load_class_names(layout.classes)
+    class_tokens = _class_tokens(state, checkpoint, task, len(names), unet.config.cross_attention_dim)
+    model = assemble_model(config.model, unet, vae, image_encoder, None, class_tokens.float(), names)
+    built = model.state_dict()
+    keys = _map_keys(state, task, model, built)
+    _check_keys(keys, built, f"{checkpoint}: not VPD's {task} model for the Stable Diffusion in {sd_path}")
 
-    # The config: our VPD recipe for the task, with VPD's choices pinned and the head widths read off the file.
+    provided = keys.provided
+    if keys.folded is not None:
+        running_mean = keys.expected["decoder.conv_layers.1.running_mean"]
+        provided[running_mean] = provided[running_mean].float() - keys.folded.float()
+    kept = [key for key in built if key not in provided]
+    logger.info(
+        "converted %d tensors; %d frozen ones from %s (%s)",
+        len(provided),
+        len(kept),
+        weights,
+        ", ".join(sorted({".".join(key.split(".")[:3]) for key in kept})) or "none",
+    )
+    model.load_state_dict(
+        built | {key: value for key, value in provided.items() if key in built}, strict=True
+    )
+    path = save_model(model.eval(), config, out)
+    logger.info("wrote %s: evaluate it with `iedp evaluate %s --set data.root=...`", path, path)
+    return path
+
+
+def _vpd_config(task: str, state: dict, weights: str, sd: str | None, clip: str | None) -> Config:
+    """Our VPD recipe for the task, with VPD's choices pinned and the head widths read off the file."""
+    layout = LAYOUTS[task]
     tree = load_config(layout.recipe).to_dict()
     tree["model"].update(
         task=task,
@@ -308,10 +338,14 @@ def convert_vpd(
         head_norm="bn",
         **_widths(task, state),
     )
-    config = config_from_dict(tree)
-    names = load_class_names(layout.classes)
+    return config_from_dict(tree)
+
+
+def _class_tokens(state: dict, checkpoint: str | Path, task: str, count: int, width: int) -> torch.Tensor:
+    """VPD's (C, D) class / scene embeddings; a missing or misshapen tensor is an InputError (naming the other
+    task when the file looks like its checkpoint)."""
+    layout = LAYOUTS[task]
     class_key = _vpd_name("class_tokens", layout.renames)
-    width = unet.config.cross_attention_dim
     class_tokens = state.get(class_key)
     if class_tokens is None:
         other = next(t for t in TASKS if t != task)
@@ -321,14 +355,32 @@ def convert_vpd(
             else ""
         )
         raise InputError(f"{checkpoint}: missing {class_key} (VPD's class / scene embeddings){hint}")
-    if tuple(class_tokens.shape) != (len(names), width):
+    if tuple(class_tokens.shape) != (count, width):
         raise InputError(
-            f"{checkpoint}: {class_key} has shape {tuple(class_tokens.shape)}, expected ({len(names)}, {width}): "
+            f"{checkpoint}: {class_key} has shape {tuple(class_tokens.shape)}, expected ({count}, {width}): "
             f"one {width}-d embedding per {layout.classes} name, in VPD's order"
         )
-    model = assemble_model(config.model, unet, vae, image_encoder, None, class_tokens.float(), names)
-    built = model.state_dict()
+    return class_tokens
 
+
+@dataclass
+class _KeyMap:
+    """How VPD's tensors map onto ours: ``provided[our key]`` and its ``source`` name in VPD's file, VPD's
+    ``unknown`` keys and the ``missing`` ones, ``expected[VPD name] = our key`` for the renamed parts, and VPD's
+    depth-decoder conv bias to fold into the BN's running mean (``folded``)."""
+
+    provided: dict[str, torch.Tensor]
+    source: dict[str, str]
+    unknown: list[str]
+    missing: list[str]
+    expected: dict[str, str]
+    folded: torch.Tensor | None
+
+
+def _map_keys(state: dict, task: str, model: IEDPModel, built: dict) -> _KeyMap:
+    """Map every tensor of VPD's file: the backbone through diffusers' converters, the rest by the rename table."""
+    layout = LAYOUTS[task]
+    unet, vae = model.backbone.unet, model.backbone.vae
     # Diffusion backbone: diffusers' converters on the LDM keys.
     unet_tensors, unet_names, unet_unused = _convert_ldm(
         state, layout.unet, LDM_UNET_KEY, convert_ldm_unet_checkpoint, dict(unet.config), "backbone.unet."
@@ -374,38 +426,22 @@ def convert_vpd(
         for key in built
         if key not in provided and key not in expected.values() and not key.startswith(_FROM_BASE)
     ]
+    return _KeyMap(provided, source, unknown, missing, expected, folded)
+
+
+def _check_keys(keys: _KeyMap, built: dict, what: str) -> None:
+    """One InputError listing the unknown and missing keys and the tensors of another shape, if any."""
     problems = []
-    if unknown:
-        problems.append(f"{len(unknown)} unknown keys: {_listed(unknown)}")
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {_listed(missing)}")
+    if keys.unknown:
+        problems.append(f"{len(keys.unknown)} unknown keys: {_listed(keys.unknown)}")
+    if keys.missing:
+        problems.append(f"{len(keys.missing)} missing keys: {_listed(keys.missing)}")
     shapes = [
-        f"{source[key]} {tuple(value.shape)} (expected {tuple(built[key].shape)})"
-        for key, value in provided.items()
+        f"{keys.source[key]} {tuple(value.shape)} (expected {tuple(built[key].shape)})"
+        for key, value in keys.provided.items()
         if key in built and value.shape != built[key].shape
     ]
     if shapes:
         problems.append(f"{len(shapes)} tensors of another shape: {_listed(shapes)}")
     if problems:
-        raise InputError(
-            f"{checkpoint}: not VPD's {task} model for the Stable Diffusion in {sd_path}: "
-            + "; ".join(problems)
-        )
-
-    if folded is not None:
-        running_mean = expected["decoder.conv_layers.1.running_mean"]
-        provided[running_mean] = provided[running_mean].float() - folded.float()
-    kept = [key for key in built if key not in provided]
-    logger.info(
-        "converted %d tensors; %d frozen ones from %s (%s)",
-        len(provided),
-        len(kept),
-        weights,
-        ", ".join(sorted({".".join(key.split(".")[:3]) for key in kept})) or "none",
-    )
-    model.load_state_dict(
-        built | {key: value for key, value in provided.items() if key in built}, strict=True
-    )
-    path = save_model(model.eval(), config, out)
-    logger.info("wrote %s: evaluate it with `iedp evaluate %s --set data.root=...`", path, path)
-    return path
+        raise InputError(f"{what}: " + "; ".join(problems))

@@ -143,3 +143,22 @@ def test_task_table_matches_the_config_task_names() -> None:
     from iedp.models.tasks import TASKS
 
     assert tuple(TASKS) == CONFIG_TASKS, "a task needs its entry in models/tasks.py and its name in config.TASKS"
+
+
+def _long_functions(limit: int) -> list[str]:
+    """``path:line name (N lines)`` of every function or method under ``iedp/`` longer than ``limit`` lines
+    (from its ``def`` line, decorators excluded, to its last line, docstring included)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > limit:
+                    where = path.relative_to(PACKAGE.parent)
+                    found.append(f"{where}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_over_80_lines() -> None:
+    assert _long_functions(MAX_FUNCTION_LINES) == [], "split these into named helpers"
+    assert _long_functions(40), "the walker finds functions"

@@ -193,6 +193,25 @@ def describe_classes(labels: np.ndarray, class_names: Sequence[str], shown: int 
     return f"{len(present)} classes: {listed}{', ...' if len(present) > shown else ''}"
 
 
+def _predict_image(
+    model: IEDPModel,
+    config: Config,
+    image: np.ndarray,
+    out_dir: Path,
+    stem: str,
+    device: torch.device,
+    precision: torch.dtype,
+) -> tuple[list[Path], str]:
+    """Predict one H×W×3 image and write its files as ``out_dir/stem_*``; the files and the log line's summary."""
+    if model.task == "seg":
+        labels = segment_image(model, image, config, device, precision)
+        files = write_segmentation(image, labels, model.class_names, out_dir, stem)
+        return files, describe_classes(labels, model.class_names)
+    depth = estimate_image_depth(model, image, config, device, precision)
+    files = write_depth(depth, out_dir, stem, max_depth=config.model.max_depth)
+    return files, f"depth {depth.min():.2f}..{depth.max():.2f} m"
+
+
 def predict_paths(
     checkpoint: str | Path,
     inputs: Sequence[str | Path],
@@ -249,14 +268,8 @@ def predict_paths(
             logger.error("%s", error)
             failed.append(str(error))
             continue
-        if model.task == "seg":
-            labels = segment_image(model, image, config, device, precision)
-            written += write_segmentation(image, labels, model.class_names, out_dir, stem)
-            summary = describe_classes(labels, model.class_names)
-        else:
-            depth = estimate_image_depth(model, image, config, device, precision)
-            written += write_depth(depth, out_dir, stem, max_depth=config.model.max_depth)
-            summary = f"depth {depth.min():.2f}..{depth.max():.2f} m"
+        files, summary = _predict_image(model, config, image, out_dir, stem, device, precision)
+        written += files
         height, width = image.shape[:2]
         logger.info(
             "%s (%dx%d): %s -> %s_*.png (%.1fs)",

@@ -12,6 +12,7 @@ import logging
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -72,8 +73,70 @@ def sync_batchnorm(model: torch.nn.Module, task: str, num_processes: int, device
     return model
 
 
+@dataclass
+class _Run:
+    """What :func:`_set_up` builds for the loop: the prepared model, optimizer, data and checkpoints."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: torch.utils.data.DataLoader
+    train_set: torch.utils.data.Dataset
+    val_set: torch.utils.data.Dataset | None
+    checkpoints: CheckpointManager
+    steps_per_epoch: int
+
+
 def train(config: Config, resume: str | None = None) -> Path:
     """Train ``config`` into ``config.train.out``; returns the folder of the final model checkpoint."""
+    tc = config.train
+    run = _set_up(config)
+    accelerator, model, checkpoints = run.accelerator, run.model, run.checkpoints
+    step = checkpoints.resume(resume) if resume else 0  # restores the RNG states saved with the checkpoint
+    _log_start(config, run, step)
+    progress = tqdm(
+        total=tc.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process
+    )
+    bad_steps = 0
+    skipped: dict[str, str] = {}  # data.skip_bad: files skipped, gathered from every loader worker
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    with StopRequested() as stop:
+        while step < tc.max_steps and stop.signal is None:
+            batches = _epoch_batches(run, step)
+            tic = time.perf_counter()
+            for batch in batches:
+                skipped.update(pair for pairs in batch.pop("skipped", ()) for pair in pairs)
+                losses, finite = _forward_backward(run, batch, tc.grad_clip)
+                if not accelerator.sync_gradients:
+                    continue
+                run.scheduler.step()
+                step += 1
+                if finite:
+                    _check_finite_weights(trainable, step, accelerator, tc.lr, checkpoints)
+                bad_steps = 0 if finite else bad_steps + 1
+                progress.update(1)
+                if bad_steps:
+                    _skip_bad_step(step, bad_steps, tc.max_bad_steps, checkpoints)
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    tic = _log_step(run, losses, step, tic, tc.log_every, progress)
+                if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+                    checkpoints.save(step)
+                validate = run.val_set is not None and (step % tc.eval_every == 0 or step == tc.max_steps)
+                if validate and not _validate(run, config, step, stop):
+                    break  # a signal abandoned validation
+                if step >= tc.max_steps or _stop_everywhere(stop, accelerator):
+                    break
+        if stop.signal is not None and step % tc.checkpoint_every:
+            logger.warning("signal %d: saving a checkpoint at step %d and stopping", stop.signal, step)
+            checkpoints.save(step)
+    progress.close()
+    return _finish(run, step, tc.max_steps, stop, skipped)
+
+
+def _set_up(config: Config) -> _Run:
+    """Accelerator, model (frozen parts in the mixed-precision dtype), optimizer, data, checkpoints, all prepared."""
     tc = config.train
     out = Path(tc.out)
     accelerator = Accelerator(
@@ -98,130 +161,125 @@ def train(config: Config, resume: str | None = None) -> Path:
     loader = make_loader(train_set, tc.batch_size, config.data.num_workers, shuffle=True, seed=tc.seed)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     checkpoints = CheckpointManager(out / "checkpoints", accelerator, config, tc.checkpoints_total_limit)
-
     set_seed(tc.seed + accelerator.process_index)  # per-rank dropout streams
-    step = checkpoints.resume(resume) if resume else 0  # restores the RNG states saved with the checkpoint
     steps_per_epoch = len(loader) // tc.grad_accum
     if steps_per_epoch == 0:
         raise InputError(
             f"data: {len(train_set)} training samples give no full step of "
             f"{tc.batch_size}×{accelerator.num_processes} processes×{tc.grad_accum} accumulation"
         )
+    return _Run(
+        accelerator, model, optimizer, scheduler, loader, train_set, val_set, checkpoints, steps_per_epoch
+    )
+
+
+def _log_start(config: Config, run: _Run, step: int) -> None:
+    """The banner (examples, batch per device and in total, steps) and the run's config as TensorBoard hparams."""
+    tc, accelerator = config.train, run.accelerator
     total_batch = tc.batch_size * accelerator.num_processes * tc.grad_accum
     logger.info(
         "training %s/%s: %d examples, %d per device, total batch %d (%d processes × %d accumulation), "
         "%d optimisation steps (%.1f epochs), starting at step %d",
         config.model.task,
         config.model.method,
-        len(train_set),
+        len(run.train_set),
         tc.batch_size,
         total_batch,
         accelerator.num_processes,
         tc.grad_accum,
         tc.max_steps,
-        tc.max_steps / steps_per_epoch,
+        tc.max_steps / run.steps_per_epoch,
         step,
     )
     if accelerator.is_main_process:
         accelerator.init_trackers("iedp", config=_flat(config.to_dict()))
 
-    progress = tqdm(
-        total=tc.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process
-    )
-    bad_steps = 0
-    skipped: dict[str, str] = {}  # data.skip_bad: files skipped, gathered from every loader worker
-    trainable = [p for p in model.parameters() if p.requires_grad]
+
+def _epoch_batches(run: _Run, step: int):
+    """The batches of the epoch ``step`` falls in, from where ``step`` left it (a resume mid-epoch)."""
+    grad_accum = run.accelerator.gradient_accumulation_steps
+    epoch, done_in_epoch = divmod(step, run.steps_per_epoch)
+    run.loader.set_epoch(epoch)
+    run.train_set.set_epoch(epoch)
+    if done_in_epoch:
+        return run.accelerator.skip_first_batches(run.loader, done_in_epoch * grad_accum)
+    return run.loader
+
+
+def _forward_backward(run: _Run, batch: dict, grad_clip: float) -> tuple[dict[str, torch.Tensor], bool]:
+    """One accumulated forward / backward / clip / optimizer step; the losses, and whether the loss was finite on
+    every rank (if not, every rank skips the update together)."""
+    accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
+    with accelerator.accumulate(model):
+        losses = model(batch)
+        non_finite = accelerator.reduce((~torch.isfinite(losses["loss"])).float().detach(), "max")
+        finite = non_finite.item() == 0.0
+        if finite:
+            accelerator.backward(losses["loss"])
+            if accelerator.sync_gradients and grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses, finite
+
+
+def _skip_bad_step(step: int, bad_steps: int, max_bad_steps: int, checkpoints: CheckpointManager) -> None:
+    """Warn about a skipped step; after ``max_bad_steps`` in a row, save a checkpoint and stop."""
+    logger.warning("step %d: non-finite loss, step skipped (%d in a row)", step, bad_steps)
+    if bad_steps >= max_bad_steps:
+        checkpoints.save(step)
+        raise FloatingPointError(
+            f"step {step}: {bad_steps} non-finite losses in a row; stopped (checkpoint saved). "
+            "Lower train.lr or use train.mixed_precision=bf16 instead of fp16"
+        )
+
+
+def _log_step(
+    run: _Run, losses: dict[str, torch.Tensor], step: int, tic: float, log_every: int, progress: tqdm
+) -> float:
+    """Log the losses (averaged over processes), each group's lr and the time per step; returns the new start time."""
+    accelerator = run.accelerator
+    scalars = {k: accelerator.reduce(v.detach(), "mean").item() for k, v in losses.items()}
+    scalars |= {f"lr/{g['name']}": g["lr"] for g in run.optimizer.param_groups}
+    scalars["time/step_s"] = (time.perf_counter() - tic) / log_every
+    tic = time.perf_counter()
+    accelerator.log(scalars, step=step)
+    progress.set_postfix(loss=f"{scalars['loss']:.4f}")
+    return tic
+
+
+def _validate(run: _Run, config: Config, step: int, stop: StopRequested) -> bool:
+    """Evaluate on the validation set, log the metrics and append them to ``metrics.jsonl`` (the learning curve);
+    False when a signal abandoned it. The model is back in train mode either way."""
+    accelerator, model = run.accelerator, run.model
+    stop.immediate = True  # Ctrl-C stops validation within a sample, not at its end
+    try:
+        metrics = evaluate_model(accelerator.unwrap_model(model), run.val_set, config, accelerator)
+    except KeyboardInterrupt:
+        logger.warning("signal during validation at step %d: validation abandoned", step)
+        model.train()
+        return False
+    finally:
+        stop.immediate = False
+    accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=step)
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
+    logger.info("step %d: %s", step, json.dumps(shown))
+    if accelerator.is_main_process:
+        out = Path(config.train.out)
+        (out / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+        with open(out / "metrics.jsonl", "a", encoding="utf-8") as history:
+            history.write(json.dumps({"step": step, **metrics}, default=str) + "\n")
     model.train()
-    with StopRequested() as stop:
-        while step < tc.max_steps and stop.signal is None:
-            epoch, done_in_epoch = divmod(step, steps_per_epoch)
-            loader.set_epoch(epoch)
-            train_set.set_epoch(epoch)
-            batches = (
-                accelerator.skip_first_batches(loader, done_in_epoch * tc.grad_accum)
-                if done_in_epoch
-                else loader
-            )
-            tic = time.perf_counter()
-            for batch in batches:
-                skipped.update(pair for pairs in batch.pop("skipped", ()) for pair in pairs)
-                with accelerator.accumulate(model):
-                    losses = model(batch)
-                    # every rank skips together when any rank's loss is not finite
-                    non_finite = accelerator.reduce((~torch.isfinite(losses["loss"])).float().detach(), "max")
-                    finite = non_finite.item() == 0.0
-                    if finite:
-                        accelerator.backward(losses["loss"])
-                        if accelerator.sync_gradients and tc.grad_clip:
-                            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:
-                    continue
-                scheduler.step()
-                step += 1
-                if finite:
-                    _check_finite_weights(trainable, step, accelerator, tc.lr, checkpoints)
-                bad_steps = 0 if finite else bad_steps + 1
-                progress.update(1)
-                if bad_steps:
-                    logger.warning("step %d: non-finite loss, step skipped (%d in a row)", step, bad_steps)
-                    if bad_steps >= tc.max_bad_steps:
-                        checkpoints.save(step)
-                        raise FloatingPointError(
-                            f"step {step}: {bad_steps} non-finite losses in a row; stopped (checkpoint saved). "
-                            "Lower train.lr or use train.mixed_precision=bf16 instead of fp16"
-                        )
-                if step % tc.log_every == 0 or step == tc.max_steps:
-                    scalars = {k: accelerator.reduce(v.detach(), "mean").item() for k, v in losses.items()}
-                    scalars |= {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}
-                    scalars["time/step_s"] = (time.perf_counter() - tic) / tc.log_every
-                    tic = time.perf_counter()
-                    accelerator.log(scalars, step=step)
-                    progress.set_postfix(loss=f"{scalars['loss']:.4f}")
-                if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-                    checkpoints.save(step)
-                if val_set is not None and (step % tc.eval_every == 0 or step == tc.max_steps):
-                    stop.immediate = True  # Ctrl-C stops validation within a sample, not at its end
-                    try:
-                        metrics = evaluate_model(
-                            accelerator.unwrap_model(model), val_set, config, accelerator
-                        )
-                    except KeyboardInterrupt:
-                        logger.warning("signal during validation at step %d: validation abandoned", step)
-                        model.train()
-                        break
-                    finally:
-                        stop.immediate = False
-                    accelerator.log(
-                        {f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=step
-                    )
-                    logger.info(
-                        "step %d: %s",
-                        step,
-                        json.dumps(
-                            {
-                                k: round(v, 4)
-                                for k, v in metrics.items()
-                                if isinstance(v, float) and math.isfinite(v)
-                            }
-                        ),
-                    )
-                    if accelerator.is_main_process:
-                        (out / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
-                        with open(out / "metrics.jsonl", "a", encoding="utf-8") as history:  # the learning curve
-                            history.write(json.dumps({"step": step, **metrics}, default=str) + "\n")
-                    model.train()
-                if step >= tc.max_steps or _stop_everywhere(stop, accelerator):
-                    break
-        if stop.signal is not None and step % tc.checkpoint_every:
-            logger.warning("signal %d: saving a checkpoint at step %d and stopping", stop.signal, step)
-            checkpoints.save(step)
-    progress.close()
+    return True
+
+
+def _finish(run: _Run, step: int, max_steps: int, stop: StopRequested, skipped: dict[str, str]) -> Path:
+    """Save the final model (when training ran to the end), list skipped files, and raise if a signal stopped it."""
+    accelerator, checkpoints = run.accelerator, run.checkpoints
     accelerator.wait_for_everyone()
-    final = checkpoints.save_final(accelerator.unwrap_model(model)) if step >= tc.max_steps else None
+    final = checkpoints.save_final(accelerator.unwrap_model(run.model)) if step >= max_steps else None
     accelerator.end_training()
-    skipped.update(getattr(train_set, "skipped", {}))  # samples read in this process (num_workers=0)
+    skipped.update(getattr(run.train_set, "skipped", {}))  # samples read in this process (num_workers=0)
     if skipped:
         names = sorted(skipped)
         logger.warning(

@@ -54,11 +54,15 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 
 def markdown(report: dict[str, Any]) -> str:
     """The figures of ``report`` (as built by :func:`iedp.pretrain.pipeline.pretrain_tiny`) as Markdown."""
-    config, timings = report["config"], report["timings_s"]
-    vae, clip, unet = report["vae"], report["clip"], report["unet"]
-    losses = {stage: loss_summary(curve) for stage, curve in report["losses"].items()}
+    sections = (_summary, _training, _vae_section, _clip_section, _unet_section, _settings)
+    return "\n".join(line for section in sections for line in section(report))
+
+
+def _summary(report: dict[str, Any]) -> list[str]:
+    """The title and what the figures are measured on."""
+    config = report["config"]
     heldout = config["num_heldout"]
-    lines = [
+    return [
         "# Tiny pre-trained weights: report",
         "",
         f"Cache key `{report['key']}` (tiny preset v{report['versions']['tiny']}, renderer "
@@ -66,6 +70,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"{config['num_train']} training and {heldout} held-out synthetic scenes at "
         f"{config['resolution']}x{config['resolution']}; every figure below is on the held-out scenes.",
         "",
+    ]
+
+
+def _training(report: dict[str, Any]) -> list[str]:
+    """Timings of each stage and the first / last losses of each training curve."""
+    timings = report["timings_s"]
+    losses = {stage: loss_summary(curve) for stage, curve in report["losses"].items()}
+    return [
         "## Timings (seconds)",
         "",
         "| render | VAE | CLIP | UNet | scene classifier | evaluation and report | total |",
@@ -82,6 +94,13 @@ def markdown(report: dict[str, Any]) -> str:
             for stage, (first, last) in losses.items()
         ],
         "",
+    ]
+
+
+def _vae_section(report: dict[str, Any]) -> list[str]:
+    """(a) the VAE: reconstruction PSNR against baselines, colour kept."""
+    vae = report["vae"]
+    return [
         "## (a) VAE: reconstruction PSNR (dB)",
         "",
         "| reconstruction | PSNR |",
@@ -97,6 +116,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"{vae['random_init']['chroma_ratio']:.2f}. Grid: `reconstructions.png` (held-out inputs above, their "
         "reconstructions below).",
         "",
+    ]
+
+
+def _clip_section(report: dict[str, Any]) -> list[str]:
+    """(b) CLIP: zero-shot scene type, caption and object retrieval."""
+    config, clip = report["config"], report["clip"]
+    return [
         "## (b) CLIP: zero-shot scene type and image <-> caption retrieval",
         "",
         f'Zero-shot: nearest of the {clip["num_scene_types"]} prompts "a photo of a {{scene}}" (chance '
@@ -117,6 +143,13 @@ def markdown(report: dict[str, Any]) -> str:
             for name, figures in (("pre-trained", clip["trained"]), ("random init", clip["random_init"]))
         ],
         "",
+    ]
+
+
+def _unet_section(report: dict[str, Any]) -> list[str]:
+    """(c) the UNet: denoising by context, and what its samples are classified as."""
+    config, clip, unet = report["config"], report["clip"], report["unet"]
+    return [
         "## (c) UNet: text-to-image diffusion",
         "",
         "Held-out noise-prediction MSE on the same noise and timesteps, by context (lower is better); the context "
@@ -141,6 +174,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"{unet['reconstruction_zero_shot_accuracy']:.3f} once encoded and decoded by the VAE, as the samples "
         "are). Grid: `samples.png`, one real held-out scene first in each row.",
         "",
+    ]
+
+
+def _settings(report: dict[str, Any]) -> list[str]:
+    """The pre-training config, as JSON."""
+    config = report["config"]
+    return [
         "## Settings",
         "",
         "```json",
@@ -148,4 +188,3 @@ def markdown(report: dict[str, Any]) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
