@@ -492,28 +492,66 @@ def safe_load(text: str, what: str) -> Any:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML recipe (safe loader) and apply ``--set dotted.key=value`` overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            from iedp.configs import packaged_config
+    """Read a YAML recipe (safe loader), resolve its ``base:`` chain and apply ``--set dotted.key=value`` overrides.
 
-            path = packaged_config(str(path)) or path
-        if not path.is_file():
-            raise InputError(f"config {path}: no such file (nor a shipped recipe such as ade20k_iedp)")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise InputError(f"config {path}: not a text file (not UTF-8); expected a YAML recipe") from None
-        except OSError as error:
-            raise InputError(f"config {path}: cannot read ({error.strerror})") from None
-        tree = safe_load(text, f"config {path}") or {}
-        if not isinstance(tree, dict):
-            raise InputError(f"config {path}: expected a mapping of sections, got {type(tree).__name__}")
+    A recipe may name a ``base:`` recipe (a path relative to its own folder, or a shipped recipe such as
+    ``ade20k_iedp``) and state only what differs: sections merge key by key, the recipe's values winning. The
+    result is the resolved config, which checkpoints save; a chain that comes back to a file is refused.
+    """
+    tree = _read_recipe(_recipe_path(path, None), ()) if path is not None else {}
     for assignment in overrides:
         set_dotted(tree, assignment)
     return config_from_dict(tree)
+
+
+def _recipe_path(name: str | Path, folder: Path | None) -> Path:
+    """The recipe file ``name``: a path (relative to ``folder`` for a ``base:``, with or without ``.yaml``), else
+    the shipped recipe of that name."""
+    from iedp.configs import packaged_config
+
+    path = Path(name)
+    candidates = [folder / path, folder / f"{path}.yaml"] if folder is not None else [path]
+    found = next((candidate for candidate in candidates if candidate.is_file()), None)
+    found = found or packaged_config(str(name))
+    if found is None:
+        what = f"base {name} of a recipe in {folder}" if folder is not None else f"config {path}"
+        raise InputError(f"{what}: no such file (nor a shipped recipe such as ade20k_iedp)")
+    return found
+
+
+def _read_recipe(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """The recipe at ``path`` as a tree, merged over its ``base:`` chain (``chain``: the recipes that led here)."""
+    resolved = path.resolve()
+    if resolved in chain:
+        loop = " -> ".join(str(p) for p in (*chain, resolved))
+        raise InputError(f"config {chain[0]}: its base: chain loops ({loop})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"config {path}: not a text file (not UTF-8); expected a YAML recipe") from None
+    except OSError as error:
+        raise InputError(f"config {path}: cannot read ({error.strerror})") from None
+    tree = safe_load(text, f"config {path}") or {}
+    if not isinstance(tree, dict):
+        raise InputError(f"config {path}: expected a mapping of sections, got {type(tree).__name__}")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base:
+        raise InputError(f"config {path}: base: expected a recipe name or path, got {short_repr(base)}")
+    parent = _read_recipe(_recipe_path(base, path.parent), (*chain, resolved))
+    return _merge(parent, tree)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``, section by section (a section's keys merge; other values replace)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 # Model keys that may change on a trained checkpoint: where its frozen weights live (the text tower of `explicit`).
