@@ -3,6 +3,10 @@
 Measured on one GPU, in one process, with the model of :mod:`bench.speed` (SD v1.5 UNet/VAE + CLIP ViT-L/14
 with random weights, ADE20K's 150 classes, ``iedp`` method, our attention):
 
+- first, issue 15's comparison: whole inference at 512×512, batch 16, ``ours-default`` (what ``iedp predict`` runs
+  by default: our attention, bf16 autocast over the fp32 weights as loaded) vs ``vpd-config`` (VPD's
+  configuration: fp32, classic attention everywhere, VPD-style capture, no compile), alternating call by call
+  (:func:`bench.speed.measure_variants`); the peak memory of each is that of one more call after a reset;
 - inference (the implicit branch, as at test time) at 512×512, batch 1 and 16, in images/s; at batch 16 also
   the VPD-style attention baseline, for the speed ratio on GPU;
 - one training step (both branches in one 2B UNet call, backward, AdamW) at batch 2 and 8, with and without
@@ -15,7 +19,8 @@ with random weights, ADE20K's 150 classes, ``iedp`` method, our attention):
 Each measurement is the median of ``--repeats`` calls after ``--warmup`` calls, with ``torch.cuda.synchronize``
 around each; cuDNN autotuning is on (fixed shapes). A CUDA out-of-memory error is recorded for its
 configuration, not raised. Measurements stop when ``--budget-s`` is spent (the rest are recorded as skipped).
-``bf16`` is the training recipe's: frozen parts cast to bf16, the rest under ``torch.autocast``.
+``bf16`` is the training recipe's: frozen parts cast to bf16, the rest under ``torch.autocast`` (after the
+defaults comparison, which needs the fp32 weights).
 JSON goes to ``OUT_DIR/gpu_check.json`` (rewritten after each measurement) and a markdown table is printed.
 ``--tiny`` runs the same code on the tiny preset at 64×64 (a dry run that fits a CPU, in fp32 there).
 """
@@ -44,8 +49,10 @@ from bench.speed import (
     machine,
     machine_label,
     make_batch,
+    measure_variants,
     prepare,
     stage_call,
+    synchronize,
     time_calls,
 )
 from iedp.models.iedp import IEDPModel
@@ -56,6 +63,8 @@ RECIPE_ITERATIONS = 80_000  # ADE20K: 80k iterations
 RECIPE_GPUS = 8  # 8 GPUs × batch 2 = batch 16
 RECIPE_BATCH_PER_GPU = 2
 GOALS = {"inference_images_per_s_batch16": 100.0, "ade20k_80k_gpu_hours": 8.0}
+DEFAULTS = ("ours-default", "vpd-config")  # issue 15: our defaults vs VPD's configuration
+DEFAULTS_BATCH = 16
 SECTION = "GPU check: bf16 throughput and ADE20K projection (bench/gpu_check.sh)"
 HEADER = "| date | machine | stage | variant | batch | grad ckpt | median s (n) | img/s | peak GiB | note |"
 
@@ -119,6 +128,55 @@ def run_check(
     return record
 
 
+def run_defaults(
+    model: IEDPModel, variants: AttentionVariants, size: int, device: torch.device, args: argparse.Namespace
+) -> list[dict]:
+    """Whole inference at batch 16 in each of :data:`DEFAULTS`, alternating call by call, on the fp32 weights;
+    then each one's peak memory (weights included) over one call after a reset. Out-of-memory is recorded."""
+    base = {"stage": "inference", "batch_size": DEFAULTS_BATCH, "gradient_checkpointing": False, "size": size}
+    batch = make_batch(DEFAULTS_BATCH, size, model.num_classes, device, args.seed)
+    try:
+        measured, _ = measure_variants(
+            model, variants, list(DEFAULTS), "inference", batch, "fp32", False, args.warmup, args.repeats
+        )
+        for name in DEFAULTS:
+            variants.use(name)
+            fn = stage_call(model, "inference", batch, measured[name]["dtype"], channels_last=False)
+            memory = PeakMemory(device)
+            memory.start()
+            fn()
+            synchronize(device)
+            measured[name]["memory"] = memory.report()
+        return [{**base, "variant": name, **measured[name]} for name in DEFAULTS]
+    except torch.OutOfMemoryError as error:
+        logger.warning("defaults comparison: out of memory")
+        message = f"CUDA out of memory: {str(error).splitlines()[0]}"
+        return [{**base, "variant": name, "error": message} for name in DEFAULTS]
+    finally:
+        variants.use("ours")
+        del batch
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def defaults_comparison(records: list[dict]) -> dict | None:
+    """vpd-config's time and peak memory over ours-default's (batch 16), when both were measured."""
+    ours, vpd = (
+        next((r for r in records if r["variant"] == name and "median_s" in r), None) for name in DEFAULTS
+    )
+    if ours is None or vpd is None:
+        return None
+    return {
+        "speedup": vpd["median_s"] / ours["median_s"],
+        "speedup_paired_median": statistics.median(
+            v / o for o, v in zip(ours["times_s"], vpd["times_s"], strict=True)
+        ),
+        "memory_ratio": ours["memory"]["peak_bytes"] / vpd["memory"]["peak_bytes"],
+        "dtypes": {"ours-default": ours["dtype"], "vpd-config": vpd["dtype"]},
+    }
+
+
 def projection(records: list[dict]) -> dict | None:
     """ADE20K 80k iterations on 8 GPUs from the fastest measured batch-2 training step of our model."""
     steps = [
@@ -140,7 +198,7 @@ def projection(records: list[dict]) -> dict | None:
     }
 
 
-def goals(records: list[dict], projected: dict | None) -> dict:
+def goals(records: list[dict], projected: dict | None, defaults: dict | None = None) -> dict:
     batch16 = next(
         (
             r
@@ -159,6 +217,11 @@ def goals(records: list[dict], projected: dict | None) -> dict:
     if projected:
         value = projected["gpu_hours"]
         report["ade20k_80k_gpu_hours<8"] = {"value": value, "met": value < 8}
+    if defaults:
+        value = defaults["speedup"]
+        report["defaults_inference_speedup_batch16>=4"] = {"value": value, "met": value >= 4}
+        value = defaults["memory_ratio"]
+        report["defaults_inference_peak_memory_ratio_batch16<=0.5"] = {"value": value, "met": value <= 0.5}
     return report
 
 
@@ -173,7 +236,14 @@ def table_rows(summary: dict) -> list[str]:
                 f"{r['images_per_s']:.1f}",
                 f"{r['memory']['peak_bytes'] / 2**30:.2f}",
             ]
-        note = r.get("error", "") + (" tiny preset" if summary["tiny"] else "") + f" {summary['dtype']}"
+        note = (
+            r.get("error", "")
+            + (" tiny preset" if summary["tiny"] else "")
+            + f" {r.get('dtype', summary['dtype'])}"
+        )
+        if r["variant"] == DEFAULTS[0] and summary.get("defaults"):
+            d = summary["defaults"]
+            note += f"; vs vpd-config: {d['speedup']:.2f}× faster, {d['memory_ratio']:.2f}× the peak memory"
         cells = [summary["date"], label, r["stage"], r["variant"], str(r["batch_size"])]
         cells += ["yes" if r["gradient_checkpointing"] else "no", *timing, note.strip()]
         rows.append("| " + " | ".join(cells) + " |")
@@ -200,7 +270,6 @@ def run(args: argparse.Namespace) -> dict:
     parts = build_parts(args.tiny, device, args.seed)
     model = build_seg_model(parts, args.seed, False, 16 if args.tiny else 256)
     variants = AttentionVariants(model)
-    prepare(model, args.dtype, channels_last=False)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     summary = {
         "date": date.today().isoformat(),
@@ -208,11 +277,19 @@ def run(args: argparse.Namespace) -> dict:
         "tiny": args.tiny,
         "dtype": args.dtype,
         "size": size,
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
         "build_s": time.perf_counter() - start,
         "records": [],
         "projection": None,
+        "defaults": None,
     }
     logger.info("model built in %.1f s on %s", summary["build_s"], machine_label(summary["machine"]))
+    if not args.skip_defaults:
+        logger.info("measuring %s vs %s at batch %d", *DEFAULTS, DEFAULTS_BATCH)
+        summary["records"] += run_defaults(model, variants, size, device, args)
+        summary["defaults"] = defaults_comparison(summary["records"])
+        write(summary, args.out_dir)
+    prepare(model, args.dtype, channels_last=False)  # the recipe's bf16 from here on
     for check in CHECKS:
         if time.perf_counter() - start > args.budget_s:
             summary["records"].append({**asdict(check), "size": size, "error": "skipped: time budget spent"})
@@ -221,7 +298,7 @@ def run(args: argparse.Namespace) -> dict:
         summary["records"].append(run_check(model, variants, check, size, device, args))
         write(summary, args.out_dir)
     summary["projection"] = projection(summary["records"])
-    summary["goals"] = goals(summary["records"], summary["projection"])
+    summary["goals"] = goals(summary["records"], summary["projection"], summary["defaults"])
     summary["total_s"] = time.perf_counter() - start
     write(summary, args.out_dir)
     return summary
@@ -235,6 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=360.0, help="start no measurement after this")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--skip-defaults", action="store_true", help="skip the ours-default vs vpd-config comparison"
+    )
     parser.add_argument(
         "--dtype",
         choices=("bf16", "fp32"),
@@ -262,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join([HEADER, "|" + "---|" * (HEADER.count("|") - 1), *table_rows(summary)])
     (args.out_dir / "gpu_check.md").write_text(table + "\n")
     print(table)
-    print(json.dumps({"projection": summary["projection"], "goals": summary["goals"]}, indent=2))
+    keys = ("defaults", "projection", "goals")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check of the real-size IEDP segmentation model (see bench/gpu_check.py): bf16 inference and training
-# throughput, peak memory, and the projected ADE20K 80k-iteration run time. Finishes well within 8 minutes on
-# one H100. Writes OUT_DIR/gpu_check.json, OUT_DIR/gpu_check.md and OUT_DIR/gpu_check.log.
+# GPU check of the real-size IEDP segmentation model (see bench/gpu_check.py): first issue 15's comparison of
+# our defaults (bf16 autocast, our attention) with VPD's configuration (fp32, classic attention) at batch 16, then
+# bf16 inference and training throughput, peak memory, and the projected ADE20K 80k-iteration run time. Finishes
+# well within 8 minutes on one H100 (--skip-defaults leaves the comparison out). Writes OUT_DIR/gpu_check.json,
+# OUT_DIR/gpu_check.md and OUT_DIR/gpu_check.log.
 #
 # usage: bash bench/gpu_check.sh OUT_DIR
 #   IEDP_BENCH_TINY=1  the tiny preset at 64x64 instead (a dry run that finishes in under a minute on a CPU)

@@ -17,6 +17,16 @@ Variants:
   layers, :class:`VPDCaptureProcessor`, which forms the full probabilities with ``attn.get_attention_scores``
   and stores their class-token columns. Both variants capture the same maps and give the same outputs.
 
+Configurations (``--parts defaults``), everything a user's choice changes at once, on the same weights:
+
+- ``ours-default``: what ``iedp predict``/``evaluate`` run by default on the device: our attention, autocast to
+  :func:`iedp.engine.inference.resolve_dtype` ``(None, device)`` with the weights as loaded (fp32), and the VAE
+  encoder's input in the backbone's default memory format (channels_last on a CPU,
+  :meth:`~iedp.models.backbone.DiffusionBackbone.encoder_uses_channels_last`).
+- ``vpd-config``: VPD's own configuration: fp32 without autocast, the ``baseline`` processors (classic attention
+  everywhere, VPD-style capture), contiguous VAE input, no compilation.
+- ``ours-default-contiguous``: ``ours-default`` with a contiguous VAE input: the effect of channels_last alone.
+
 The architectures are real size (SD v1.5 UNet and VAE, CLIP ViT-L/14 towers) with random weights from a fixed
 seed, so nothing is downloaded; ``--tiny`` uses the tiny preset instead (tests). The CLIP tokenizer is the tiny
 preset's (a small locally learnt vocabulary, not CLIP's 49408 tokens): only the prompt's token ids differ, which
@@ -33,7 +43,8 @@ resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``
 are recorded too: on a shared CPU, ``--threads 1`` makes CPU time a measure that other processes hardly move
 (with several threads, OpenMP barriers stall whenever one thread is descheduled), and the CPU goals are then
 judged on it.
-``bf16`` follows the training recipe: frozen parts cast to bf16, everything under ``torch.autocast``.
+``bf16`` follows the training recipe: frozen parts cast to bf16, everything under ``torch.autocast``; the
+configurations keep the weights in fp32 (as ``iedp predict`` loads them) and autocast per configuration.
 The parent writes JSON (``--json``) and appends one dated row per configuration to ``BENCHMARKS.md``.
 """
 
@@ -74,6 +85,9 @@ from transformers import (
 
 from iedp.classes import load_class_names
 from iedp.config import ModelConfig, TrainConfig
+from iedp.engine.inference import DTYPES as INFERENCE_DTYPES
+from iedp.engine.inference import autocast as inference_autocast
+from iedp.engine.inference import resolve_dtype
 from iedp.engine.optim import build_optimizer
 from iedp.models.attention import AttentionStore
 from iedp.models.build import assemble_model
@@ -88,7 +102,14 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("vae", "unet", "inference", "train")
-VARIANTS = ("ours", "baseline")
+VARIANTS = ("ours", "baseline")  # attention alone; dtype and memory format as the worker's flags say
+CONFIGURATIONS = {
+    # name: (attention processors, autocast dtype or None for iedp's default on the device,
+    #        VAE input channels_last or None for the backbone's default on the device)
+    "ours-default": ("ours", None, None),
+    "vpd-config": ("baseline", "fp32", False),
+    "ours-default-contiguous": ("ours", None, False),
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SECTION = "Speed: our attention vs VPD-style attention (bench/speed.py)"
 HEADER = (
@@ -231,7 +252,7 @@ class AttentionVariants:
 
     def __init__(self, model: IEDPModel) -> None:
         backbone = model.backbone
-        self.unet, self.vae = backbone.unet, backbone.vae
+        self.backbone, self.unet, self.vae = backbone, backbone.unet, backbone.vae
         capture = set(backbone.capture_layers()) if backbone.map_strides else set()
         ours_unet = self.unet.attn_processors
         baseline_unet = {
@@ -245,10 +266,14 @@ class AttentionVariants:
         }
 
     def use(self, variant: str) -> None:
-        unet_processors, vae_processors = self.processors[variant]
+        """Install ``variant``'s processors: an attention variant, or a configuration's (with its VAE input
+        memory format; the attention variants leave the input as the caller made it)."""
+        attention, _, channels_last = CONFIGURATIONS.get(variant, (variant, None, False))
+        unet_processors, vae_processors = self.processors[attention]
         # set_attn_processor pops from the dict it is given, so it gets copies.
         self.unet.set_attn_processor(dict(unet_processors))
         self.vae.set_attn_processor(dict(vae_processors))
+        self.backbone.encoder_channels_last = channels_last
 
 
 # -- measuring ------------------------------------------------------------------------------------------------
@@ -261,7 +286,20 @@ def make_batch(batch_size: int, size: int, num_classes: int, device: torch.devic
 
 
 def autocast(device: torch.device, dtype: str) -> AbstractContextManager:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    """iedp's inference autocast for a dtype name (off for fp32)."""
+    return inference_autocast(device, INFERENCE_DTYPES[dtype])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in INFERENCE_DTYPES.items() if value == dtype)
+
+
+def variant_dtype(variant: str, dtype: str, device: torch.device) -> str:
+    """The autocast dtype ``variant`` runs in: the worker's ``dtype`` for an attention variant, the
+    configuration's own for a configuration (``ours-default``: iedp's default on ``device``)."""
+    if variant not in CONFIGURATIONS:
+        return dtype
+    return CONFIGURATIONS[variant][1] or dtype_name(resolve_dtype(None, device))
 
 
 def synchronize(device: torch.device) -> None:
@@ -386,8 +424,9 @@ def measure_variants(
     warmup: int,
     repeats: int,
 ) -> tuple[dict[str, dict], dict[str, object]]:
-    """Time ``stage`` for each attention variant in ``names``, alternating them call by call so that load from
-    other processes falls on all of them alike. Returns (record, last output) per variant.
+    """Time ``stage`` for each variant or configuration in ``names``, alternating them call by call so that load
+    from other processes falls on all of them alike. Returns (record, last output) per variant; a record holds
+    the autocast ``dtype`` and the VAE input format (``vae_channels_last``) its variant ran with.
 
     Besides wall time, each call's process CPU time (all threads) is recorded: with one thread (``--threads 1``)
     it hardly depends on what else runs on the machine.
@@ -398,13 +437,20 @@ def measure_variants(
     if warmup < 1:
         raise ValueError(f"warmup: {warmup} must be at least 1 (peak memory is taken over the first call)")
     device = batch["image"].device
-    fn = stage_call(model, stage, batch, dtype, channels_last)
+    dtypes = {name: variant_dtype(name, dtype, device) for name in names}
+    calls = {d: stage_call(model, stage, batch, d, channels_last) for d in dict.fromkeys(dtypes.values())}
+    fns = {name: calls[dtypes[name]] for name in names}
     memory = PeakMemory(device)
     memory.start()
-    records: dict[str, dict] = {name: {"times_s": [], "cpu_times_s": [], "memory": None} for name in names}
+    records: dict[str, dict] = {
+        name: {"times_s": [], "cpu_times_s": [], "memory": None, "dtype": dtypes[name]} for name in names
+    }
     for name in names:
         variants.use(name)
-        time_calls(fn, device, warmup, 0)
+        records[name]["vae_channels_last"] = (
+            model.backbone.encoder_uses_channels_last(device) or channels_last
+        )
+        time_calls(fns[name], device, warmup, 0)
         if name == names[0]:
             records[name]["memory"] = memory.report()
     outputs: dict[str, object] = {}
@@ -412,7 +458,7 @@ def measure_variants(
         for name in names:
             variants.use(name)
             cpu_start = time.process_time()
-            times, outputs[name] = time_calls(fn, device, 0, 1)
+            times, outputs[name] = time_calls(fns[name], device, 0, 1)
             records[name]["cpu_times_s"].append(time.process_time() - cpu_start)
             records[name]["times_s"] += times
     for record in records.values():
@@ -504,15 +550,16 @@ def run_worker(args: argparse.Namespace) -> list[dict]:
         )
         for name, record in measured.items():
             if args.save_output and stage == "inference" and name in outputs:
-                torch.save(outputs[name].float().cpu(), output_path(Path(args.save_output), name, args))
+                path = output_path(Path(args.save_output), name, record["dtype"], args.channels_last)
+                torch.save(outputs[name].float().cpu(), path)
             fields = {**job_fields(args, stage), "variant": name, **record, "build_s": build_s}
             records.append({**fields, "parameters": parameter_counts(model), "machine": machine(device)})
     return records
 
 
-def output_path(folder: Path, variant: str, args: argparse.Namespace) -> Path:
+def output_path(folder: Path, variant: str, dtype: str, channels_last: bool) -> Path:
     """Where a worker saves an inference output: one file per variant, dtype and memory format."""
-    return folder / f"{variant}_{args.dtype}{'_channels_last' if args.channels_last else ''}.pt"
+    return folder / f"{variant}_{dtype}{'_channels_last' if channels_last else ''}.pt"
 
 
 def job_fields(args: argparse.Namespace, stage: str) -> dict:
@@ -548,12 +595,20 @@ class Job:
 
 
 def plan(args: argparse.Namespace) -> list[Job]:
-    """The configurations of one run: ours vs baseline for each stage, then the single-variant extras."""
+    """The configurations of one run: our defaults vs VPD's configuration (whole inference and VAE encoder), ours
+    vs baseline for each stage, then the single-variant extras."""
     parts, extras = set(args.parts.split(",")), set(filter(None, args.extras.split(",")))
     stages = [s for s in ("unet", "inference", "vae") if "inference" in parts] + ["train"] * (
         "train" in parts
     )
     jobs = []
+    if "defaults" in parts:
+        # Weights stay fp32 (as loaded); each configuration autocasts itself. Off a CPU the default VAE input is
+        # contiguous, so ours-default-contiguous would repeat ours-default.
+        names = list(CONFIGURATIONS)[: 3 if args.device == "cpu" else 2]
+        for stage in ("inference", "vae"):
+            jobs.append(Job(stage, ",".join(names), "fp32", args.size, save_output=stage == "inference"))
+        jobs.append(Job("inference", "vpd-config", "fp32", args.size, memory_only=True))
     for stage in stages:
         size = args.train_size or args.size if stage == "train" else args.size
         jobs.append(Job(stage, ",".join(VARIANTS), args.dtype, size, save_output=stage == "inference"))
@@ -627,12 +682,19 @@ def max_abs_diff(a: Path, b: Path) -> float | None:
 
 
 def output_differences(folder: Path) -> dict:
-    """Max |difference| of the saved inference logits: baseline vs ours (fp32), bf16 vs fp32 (ours)."""
+    """Max |difference| of the saved inference logits: baseline vs ours (fp32), bf16 vs fp32 (ours), our
+    defaults vs VPD's configuration, and channels_last vs contiguous VAE input within our defaults."""
     reference = folder / "ours_fp32.pt"
+    vpd = folder / "vpd-config_fp32.pt"
+    default = next(iter(sorted(folder.glob("ours-default_*.pt"))), folder / "ours-default_fp32.pt")
+    contiguous = folder / default.name.replace("ours-default_", "ours-default-contiguous_")
     return {
         "baseline_vs_ours_fp32": max_abs_diff(reference, folder / "baseline_fp32.pt"),
         "bf16_vs_fp32_ours": max_abs_diff(reference, folder / "ours_bf16.pt"),
         "fp32_logits_max_abs": torch.load(reference).abs().max().item() if reference.is_file() else None,
+        "ours_default_vs_vpd_config": max_abs_diff(vpd, default),
+        "vae_channels_last_vs_contiguous_ours_default": max_abs_diff(contiguous, default),
+        "vpd_config_logits_max_abs": torch.load(vpd).abs().max().item() if vpd.is_file() else None,
     }
 
 
@@ -644,51 +706,77 @@ def find(records: list[dict], **match: object) -> dict | None:
 
 
 COMPARED_KEYS = ("stage", "dtype", "size", "batch_size", "gradient_checkpointing", "channels_last")
+# Configurations differ in dtype and memory format on purpose: they are paired on the rest.
+CONFIGURATION_KEYS = ("stage", "size", "batch_size", "gradient_checkpointing")
+PAIRS = (
+    # (variant, the reference it is compared with, the keys both records must share)
+    ("ours", "baseline", COMPARED_KEYS),
+    ("ours-default", "vpd-config", CONFIGURATION_KEYS),
+    ("ours-default-contiguous", "vpd-config", CONFIGURATION_KEYS),
+)
 
 
 def comparisons(records: list[dict]) -> list[dict]:
-    """baseline/ours time and ours/baseline extra-peak ratios for each configuration measured in both variants."""
+    """reference/variant time and variant/reference extra-peak ratios for each pair of :data:`PAIRS` measured
+    in the same configuration (ours vs baseline; our defaults, with and without channels_last, vs VPD's)."""
     result = []
-    for ours in records:
-        if "error" in ours or ours["variant"] != "ours":
-            continue
-        baseline = find(records, variant="baseline", **{k: ours[k] for k in COMPARED_KEYS})
-        if baseline is None:
-            continue
-        memories = (ours["memory"], baseline["memory"])
-        result.append(
-            {
-                **{k: ours[k] for k in COMPARED_KEYS},
-                "device": ours["device"],
-                "threads": ours.get("threads"),
-                "speedup": baseline["median_s"] / ours["median_s"],
-                # The variants alternate call by call, so pairs share the load of the moment.
-                "speedup_paired_median": statistics.median(
-                    b / o for o, b in zip(ours["times_s"], baseline["times_s"], strict=True)
-                ),
-                "cpu_time_speedup": (
-                    baseline["median_cpu_s"] / ours["median_cpu_s"] if "median_cpu_s" in ours else None
-                ),
-                "memory_ratio": (
-                    memories[0]["extra_bytes"] / max(1, memories[1]["extra_bytes"]) if all(memories) else None
-                ),
-            }
-        )
+    for variant, reference, keys in PAIRS:
+        result += [
+            compare(ours, baseline, reference)
+            for ours in records
+            if "error" not in ours and ours["variant"] == variant
+            if (baseline := find(records, variant=reference, **{k: ours[k] for k in keys})) is not None
+        ]
     return result
 
 
+def compare(ours: dict, baseline: dict, reference: str) -> dict:
+    """The ratios of one pair: ``baseline`` (the ``reference`` variant) vs ``ours``."""
+    memories = (ours["memory"], baseline["memory"])
+    return {
+        **{k: ours[k] for k in COMPARED_KEYS},
+        "variant": ours["variant"],
+        "reference": reference,
+        "device": ours["device"],
+        "threads": ours.get("threads"),
+        "speedup": baseline["median_s"] / ours["median_s"],
+        # The variants alternate call by call, so pairs share the load of the moment.
+        "speedup_paired_median": statistics.median(
+            b / o for o, b in zip(ours["times_s"], baseline["times_s"], strict=True)
+        ),
+        "cpu_time_speedup": (
+            baseline["median_cpu_s"] / ours["median_cpu_s"] if "median_cpu_s" in ours else None
+        ),
+        "memory_ratio": (
+            memories[0]["extra_bytes"] / max(1, memories[1]["extra_bytes"]) if all(memories) else None
+        ),
+    }
+
+
 def goals(compared: list[dict]) -> dict:
-    """The issue's CPU fp32 goals at the measured sizes (reported, never asserted).
+    """The issues' goals at the measured sizes (reported, never asserted): the CPU fp32 attention goals (ours vs
+    baseline) and issue 15's defaults goals (ours-default vs vpd-config, whole inference: ≥ 3× on CPU, ≥ 4× with
+    ≤ ½ the peak memory on GPU).
 
     Speed ratios are of median wall times, except in single-threaded runs, where the ratio of median CPU times
     is used: it hardly moves when other processes share the machine, while wall time does.
     """
-    by_stage = {c["stage"]: c for c in compared if c["dtype"] == "fp32" and c["device"] == "cpu"}
+    by_stage = {
+        c["stage"]: c
+        for c in compared
+        if c.get("variant", "ours") == "ours" and c["dtype"] == "fp32" and c["device"] == "cpu"
+    }
+    by_stage |= {
+        f"{c['device']}-defaults-{c['stage']}": c for c in compared if c.get("variant") == "ours-default"
+    }
     targets = {
         "unet_speedup>=1.5": ("unet", "speedup", 1.5),
         "unet_memory_ratio<=0.5": ("unet", "memory_ratio", 0.5),
         "inference_speedup>=1.3": ("inference", "speedup", 1.3),
         "train_speedup>=1.5": ("train", "speedup", 1.5),
+        "cpu_defaults_inference_speedup>=3": ("cpu-defaults-inference", "speedup", 3.0),
+        "cuda_defaults_inference_speedup>=4": ("cuda-defaults-inference", "speedup", 4.0),
+        "cuda_defaults_inference_memory_ratio<=0.5": ("cuda-defaults-inference", "memory_ratio", 0.5),
     }
     report = {}
     for name, (stage, key, bound) in targets.items():
@@ -703,7 +791,8 @@ def goals(compared: list[dict]) -> dict:
 
 
 def table_row(record: dict, compared: list[dict], today: str) -> str:
-    """One markdown row; the ratio columns are filled on the ``ours`` row of a compared pair."""
+    """One markdown row; the ratio columns are filled on the row of a pair's variant (``ours``,
+    ``ours-default``, ``ours-default-contiguous``), against its reference (``baseline``, ``vpd-config``)."""
     size = f"{record['size']}²" + (" tiny" if record.get("tiny") else "")
     settings = [record["dtype"], record["stage"], record["variant"], size]
     if "error" in record:
@@ -720,10 +809,12 @@ def table_row(record: dict, compared: list[dict], today: str) -> str:
         return "| " + " | ".join(cells + [""] * 6) + " |"
     speedup = memory_ratio = ""
     for c in compared:
-        if record["variant"] == "ours" and all(c[k] == record[k] for k in COMPARED_KEYS):
+        if record["variant"] == c.get("variant", "ours") and all(c[k] == record[k] for k in COMPARED_KEYS):
             speedup = f"{c['speedup']:.2f}×"
             if c.get("cpu_time_speedup"):
                 speedup += f" (CPU time {c['cpu_time_speedup']:.2f}×)"
+            if c.get("reference", "baseline") != "baseline":
+                speedup += f" vs {c['reference']}"
             memory_ratio = "" if c["memory_ratio"] is None else f"{c['memory_ratio']:.2f}"
     memory = record["memory"]
     cells = [
@@ -733,7 +824,7 @@ def table_row(record: dict, compared: list[dict], today: str) -> str:
         *settings,
         str(record["batch_size"]),
         "yes" if record["gradient_checkpointing"] else "no",
-        "yes" if record["channels_last"] else "no",
+        "yes" if record["channels_last"] else "VAE input" if record.get("vae_channels_last") else "no",
         f"{record['median_s']:.3f} ({len(record['times_s'])})",
         f"{record['median_cpu_s']:.1f}" if "median_cpu_s" in record else "",
         f"{record['images_per_s']:.2f}",
@@ -788,6 +879,18 @@ SPEED_DESCRIPTION = (
 )
 
 
+DEFAULTS_SECTION = "Our defaults vs VPD's configuration (bench/speed.py --parts defaults)"
+DEFAULTS_DESCRIPTION = (
+    "Issue 15: the same real-size model and weights as above (fp32 weights, as `iedp predict` loads them), "
+    "three configurations alternating call by call in one process. *ours-default*: what `iedp predict`/"
+    "`evaluate` run by default on the device (our attention, autocast to `resolve_dtype(None, device)`, the "
+    "backbone's default VAE input format); *vpd-config*: VPD's configuration (fp32, diffusers' classic "
+    "`AttnProcessor` everywhere, VPD-style capture, contiguous, no compile); *ours-default-contiguous*: "
+    "ours-default with a contiguous VAE input. The speedup column is vpd-config's time over the row's. "
+    "Produced by `python bench/speed.py --parts defaults`."
+)
+
+
 def run_parent(args: argparse.Namespace) -> dict:
     records: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -822,7 +925,14 @@ def report(summary: dict, append: bool) -> None:
     keys = ("comparisons", "output_max_abs_diff", "goals")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     if append:
-        append_rows(ROOT / "BENCHMARKS.md", SECTION, HEADER, rows, SPEED_DESCRIPTION)
+        configurations = [r.get("variant") in CONFIGURATIONS for r in summary["records"]]
+        for section, description, wanted in (
+            (SECTION, SPEED_DESCRIPTION, False),
+            (DEFAULTS_SECTION, DEFAULTS_DESCRIPTION, True),
+        ):
+            selected = [row for row, c in zip(rows, configurations, strict=True) if c == wanted]
+            if selected:
+                append_rows(ROOT / "BENCHMARKS.md", section, HEADER, selected, description)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -837,7 +947,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--train-size", type=int, default=None, help="input size of the training step (default --size)"
     )
-    parser.add_argument("--parts", default="inference,train", help="comma list of inference, train")
+    parser.add_argument(
+        "--parts",
+        default="defaults,inference,train",
+        help="comma list of defaults (our defaults vs VPD's configuration), inference, train",
+    )
     parser.add_argument(
         "--extras",
         default=None,
@@ -863,21 +977,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     worker.add_argument("--worker", action="store_true")
     worker.add_argument("--stage", default="inference", help=f"comma list of {', '.join(STAGES)}")
     worker.add_argument(
-        "--variant", default="ours", help="ours, baseline or a comma list of both (timed alternately)"
+        "--variant",
+        default="ours",
+        help="ours, baseline, ours-default, vpd-config, ours-default-contiguous or a comma list (timed "
+        "alternately)",
     )
     worker.add_argument("--channels-last", action="store_true")
     worker.add_argument("--save-output", default=None, help="folder for the inference outputs (torch.save)")
     worker.add_argument("--out", default=None, help="write the worker's JSON records here (default stdout)")
     args = parser.parse_args(argv)
     for part in args.parts.split(","):
-        if part not in ("inference", "train"):
-            parser.error(f"--parts: {part!r} is not one of inference, train")
+        if part not in ("defaults", "inference", "train"):
+            parser.error(f"--parts: {part!r} is not one of defaults, inference, train")
     for stage in args.stage.split(","):
         if stage not in STAGES:
             parser.error(f"--stage: {stage!r} is not one of {', '.join(STAGES)}")
     for variant in args.variant.split(","):
-        if variant not in VARIANTS:
-            parser.error(f"--variant: {variant!r} is not one of {', '.join(VARIANTS)}")
+        if variant not in (*VARIANTS, *CONFIGURATIONS):
+            parser.error(f"--variant: {variant!r} is not one of {', '.join((*VARIANTS, *CONFIGURATIONS))}")
+        if variant in CONFIGURATIONS and (args.dtype != "fp32" or args.channels_last):
+            parser.error(
+                f"--variant {variant}: a configuration sets its own precision and memory format; "
+                "it needs the default --dtype fp32 weights and no --channels-last"
+            )
     if args.extras is None:
         args.extras = "bf16,channels_last" if args.device == "cpu" and args.dtype == "fp32" else ""
     return args
