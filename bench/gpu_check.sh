@@ -2,10 +2,10 @@
 # GPU check of the real-size IEDP segmentation model (see bench/gpu_check.py): first issue 15's comparison of
 # our defaults (bf16 autocast, our attention) with VPD's configuration (fp32, classic attention) at batch 16, then
 # bf16 inference and training throughput, peak memory, and the projected ADE20K 80k-iteration run time. Finishes
-# well within 8 minutes on one H100 (--skip-defaults leaves the comparison out). Writes OUT_DIR/gpu_check.json,
-# OUT_DIR/gpu_check.md and OUT_DIR/gpu_check.log.
+# well within 8 minutes on one H100. Writes OUT_DIR/gpu_check.json, OUT_DIR/gpu_check.md and
+# OUT_DIR/gpu_check.log.
 #
-# usage: bash bench/gpu_check.sh OUT_DIR
+# usage: bash bench/gpu_check.sh OUT_DIR [bench.gpu_check options, e.g. --skip-defaults]
 #   IEDP_BENCH_TINY=1  the tiny preset at 64x64 instead (a dry run that finishes in under a minute on a CPU)
 #
 # iedp is imported from this checkout (no install): the repository root is appended to PYTHONPATH, so
@@ -32,4 +32,4 @@ python3 -c 'import sys, torch, diffusers, transformers, huggingface_hub as hub
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
       f"transformers {transformers.__version__}, huggingface_hub {hub.__version__}")'
 # 7 minutes at most for the measurements; the script itself stops starting new ones after --budget-s.
-timeout 420 python3 -m bench.gpu_check "$out" $tiny_flag 2>&1 | tee "$out/gpu_check.log"
+timeout 420 python3 -m bench.gpu_check "$out" $tiny_flag "${@:2}" 2>&1 | tee "$out/gpu_check.log"
