@@ -10,3 +10,12 @@ def _isolated_cache(tmp_path_factory):
     os.environ["IEDP_CACHE"] = str(tmp_path_factory.mktemp("iedp_cache"))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fp32_cpu_default(monkeypatch):
+    """Tests compare against fp32 numbers: the CPU's bf16 instructions (which make ``--dtype auto`` pick bf16) must
+    not change them from one host to another. Tests of that choice patch the capabilities themselves."""
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    without_bf16 = {k: v for k, v in capabilities.items() if k not in ("avx512_bf16", "amx_bf16")}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: without_bf16, raising=False)
