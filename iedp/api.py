@@ -147,7 +147,7 @@ class Pipeline:
         model: the task model (in eval mode).
         config: its resolved run config; ``config.eval`` sets the inference protocol (windows, scales, flips).
         device: where it runs (default: the GPU when there is one).
-        dtype: inference precision, ``auto`` (bf16 on a GPU that has it, else fp32), ``fp32``, ``bf16``, ``fp16``.
+        dtype: inference precision, ``auto`` (bf16 where the GPU or CPU runs it natively, else fp32), ``fp32``, ``bf16``, ``fp16``.
         source: the folder or hub id it came from, for its model card.
     """
 

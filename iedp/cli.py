@@ -154,7 +154,7 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=("auto", "fp32", "bf16", "fp16"),
-        help="inference precision (autocast); auto: bf16 on a GPU that has it, else fp32",
+        help="inference precision (autocast); auto: bf16 where the GPU or CPU runs it natively, else fp32",
     )
 
 
