@@ -50,7 +50,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 def _pretrain_tiny(args: argparse.Namespace) -> int:
     from iedp.pretrain import DEFAULT_CONFIG, QUICK_CONFIG, pretrain_tiny
 
-    print(pretrain_tiny(args.dir, QUICK_CONFIG if args.quick else DEFAULT_CONFIG))
+    print(pretrain_tiny(args.dir, QUICK_CONFIG if args.quick else DEFAULT_CONFIG, args.workers))
     return 0
 
 
@@ -203,6 +203,14 @@ def _add_pretrain_tiny(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dir")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (seconds): for tests only")
+    p.add_argument(
+        "--workers",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="processes of one thread each: 2 runs the VAE and CLIP side by side (default: 2 on two or more "
+        "cores); the weights are the same either way",
+    )
     p.set_defaults(func=_pretrain_tiny)
 
 

@@ -37,6 +37,7 @@ from iedp.model_files import load_model
 from iedp.models.iedp import IEDPModel
 from iedp.visualize import colorize_depth, colorize_labels, heatmap, palette, panel, vstack
 from iedp.weights import resolve_weights
+from iedp.workers import one_thread_per_worker, start_worker, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,7 @@ def _single_thread_worker(level: int, stopped: multiprocessing.synchronize.Event
     still building its model does not die and break the pool)."""
     global _STOPPED
     _STOPPED = stopped
-    torch.set_num_threads(1)
-    logging.basicConfig(level=level, format=f"[worker {os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    start_worker(level)
     if stopped is not None:
         signal.signal(signal.SIGTERM, lambda *_: None)
 
@@ -207,8 +207,7 @@ def _table(task: str, results: list[RunResult], baseline: dict) -> str:
 
 def demo_workers() -> int:
     """Worker processes of the demo: one per CPU core this process may use, at most one per run."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, len(TASKS) * len(METHODS)))
+    return max(1, min(usable_cores(), len(TASKS) * len(METHODS)))
 
 
 def _expected_cost(run: tuple[str, str]) -> float:
@@ -226,9 +225,14 @@ def _run_all(
     runs = sorted(((task, method) for task in TASKS for method in METHODS), key=_expected_cost, reverse=True)
     if workers == 1:
         return {run: run_one(*run, out, weights, steps) for run in runs}
-    # OMP_NUM_THREADS is read when a worker imports torch, so set it in the environment the workers inherit.
-    previous = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
+    with one_thread_per_worker():
+        return _run_in_pool(runs, out, weights, steps, workers)
+
+
+def _run_in_pool(
+    runs: list[tuple[str, str]], out: Path, weights: str | None, steps: int | None, workers: int
+) -> dict[tuple[str, str], RunResult]:
+    """``runs`` in ``workers`` spawned processes; a SIGTERM to this process stops them all."""
     context = multiprocessing.get_context("spawn")
     stopped = context.Event()
     pool = ProcessPoolExecutor(
@@ -257,10 +261,6 @@ def _run_all(
             wait(futures.values(), timeout=1.0)
         pool.shutdown(wait=True)
         signal.signal(signal.SIGTERM, previous_handler)
-        if previous is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = previous
 
 
 def run_demo(out: str | Path = "demo_out", steps: int | None = None, weights: str | None = None) -> Path:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from iedp.cli import main
 from iedp.pretrain import QUICK_CONFIG, PretrainConfig, cache_key, pipeline
@@ -123,6 +124,25 @@ def test_resolve_weights_reuses_the_cache(pretrained, cache_dir, monkeypatch):
 
     monkeypatch.setattr(pipeline, "pretrain_tiny", fail)
     assert resolve_weights("tiny-pretrained") == (str(pretrained), str(pretrained / "clip"))
+
+
+def test_same_weights_in_one_process_or_two(pretrained, report, tmp_path):
+    """The VAE and classifier run in a worker process beside CLIP and the UNet, or all in one process: each stage
+    seeds its own random numbers, so the weights and the report's figures are the same either way."""
+    other = 1 if report["workers"] == 2 else 2
+    folder = pipeline.pretrain_tiny(tmp_path, QUICK_CONFIG, workers=other)
+    assert json.loads((folder / "report.json").read_text())["workers"] == other
+    for part in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "clip/model.safetensors",
+    ):
+        ours, theirs = load_file(folder / part), load_file(pretrained / part)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[name], theirs[name]) for name in ours), part
+    figures = json.loads((folder / "report.json").read_text())
+    for stage in ("vae", "clip", "unet", "classifier"):
+        assert figures[stage] == report[stage], stage
 
 
 def test_cache_key_covers_versions_and_config(monkeypatch):

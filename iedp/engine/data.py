@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from iedp.data.nyu import LIST_FOLDERS, NYUDepthV2
 from iedp.data.synthetic import SyntheticScenes
 from iedp.data.transforms import CUTDEPTH_PROB, DepthTrainTransform, SegTrainTransform
 from iedp.errors import InputError
+from iedp.workers import usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def collate(samples: list[dict]) -> dict:
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int) -> DataLoader:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if num_workers > cores:
         # said once here, instead of PyTorch's multi-line warning at every epoch's iterator (and Accelerate's copy)
         logger.warning(

@@ -19,7 +19,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ from iedp.pretrain.text_to_image import Conditioner, denoising_losses, generate,
 from iedp.pretrain.vae import encode_latents, evaluate_vae, latent_scaling_factor, train_vae
 from iedp.weights.loaders import load_clip, load_stable_diffusion
 from iedp.weights.tiny import TINY_VERSION, make_tiny
+from iedp.workers import one_thread_per_worker, start_worker, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -111,56 +115,82 @@ def pretrained_tiny_dir(config: PretrainConfig | None = None) -> Path:
     return build_cached(target, lambda folder: pretrain_tiny(folder, config), "the pre-trained tiny weights")
 
 
-def pretrain_tiny(out_dir: str | Path, config: PretrainConfig | None = None) -> Path:
+def pretrain_tiny(
+    out_dir: str | Path, config: PretrainConfig | None = None, workers: int | None = None
+) -> Path:
     """Pre-train the tiny VAE, CLIP and text-to-image UNet on synthetic scenes into ``out_dir``; returns it.
 
     ``config`` defaults to :data:`DEFAULT_CONFIG`. Writes ``unet/``, ``vae/``, ``clip/``, ``scheduler/``,
-    ``report.json``, ``report.md`` and ``samples.png``. Runs on the CPU with one intra-op thread (see
-    ``_NUM_THREADS``); the caller's thread count is restored afterwards.
+    ``report.json``, ``report.md``, ``reconstructions.png`` and ``samples.png``.
+
+    The stages that do not depend on each other run side by side when ``workers`` is 2 (the default on a machine
+    with two or more cores): the VAE and then the scene classifier in a spawned worker process, CLIP and then the
+    UNet (which needs both the VAE and CLIP) in this one. Every process runs one intra-op thread (see
+    :mod:`iedp.workers`) and every stage seeds its own random numbers, so the weights do not depend on
+    ``workers``; the caller's thread count is restored afterwards.
     """
     config = config or DEFAULT_CONFIG
+    workers = min(2, usable_cores()) if workers is None else workers
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(_NUM_THREADS)
     try:
-        return _pretrain(Path(out_dir), config)
+        if workers < 2:
+            return _pretrain(Path(out_dir), config, None)
+        level = logging.getLogger().getEffectiveLevel()
+        context = multiprocessing.get_context("spawn")
+        with (
+            one_thread_per_worker(),
+            ProcessPoolExecutor(1, mp_context=context, initializer=start_worker, initargs=(level,)) as pool,
+        ):
+            return _pretrain(Path(out_dir), config, pool)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _pretrain(out: Path, config: PretrainConfig) -> Path:
-    """The stages of :func:`pretrain_tiny`, in order, and the report."""
+def _start(pool: ProcessPoolExecutor | None, job: Callable[..., Any], *args: Any) -> Future:
+    """``job(*args)`` in ``pool``'s worker, or here and now when there is no pool."""
+    if pool is not None:
+        return pool.submit(job, *args)
+    future: Future = Future()
+    future.set_result(job(*args))
+    return future
+
+
+def _pretrain(out: Path, config: PretrainConfig, pool: ProcessPoolExecutor | None) -> Path:
+    """The stages of :func:`pretrain_tiny` and the report; ``pool`` (if any) runs the VAE and classifier."""
     start = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(stage: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[stage] = now - since
-        logger.info("%s done in %.0f s", stage, timings[stage])
-        return now
-
     make_tiny(out, seed=config.seed)
     train = render_scenes("train", config.num_train, config.resolution, config.data_seed)
     heldout = render_scenes("val", config.num_heldout, config.resolution, config.data_seed)
-    clock = lap("render", start)
+    timings = {"render": time.perf_counter() - start}
+    logger.info("render done in %.0f s", timings["render"])
 
-    unet, vae = load_stable_diffusion(str(out))
-    vae_report, latents = _vae_stage(vae, train, heldout, config, out)
-    clock = lap("vae", clock)
+    vae_job = _start(pool, _vae_and_classifier_stages, train, heldout, config, out)
+    scorer, clip_report = _timed(timings, "clip", _clip_stage, train, heldout, config, out)
+    vae_report, latents, classifier, classifier_report, worker_timings = vae_job.result()
+    timings.update(worker_timings)
 
-    scorer, clip_report = _clip_stage(train, heldout, config, out)
-    clock = lap("clip", clock)
-
+    unet, vae = load_stable_diffusion(str(out))  # the trained VAE, read back as a user would
     conditioner = Conditioner(scorer.text, scorer.tokenizer)
-    unet_losses = train_unet(unet, latents, vae.config.scaling_factor, train, conditioner, config)
+    unet_losses = _timed(
+        timings, "unet", train_unet, unet, latents, vae.config.scaling_factor, train, conditioner, config
+    )
     unet.save_pretrained(out / "unet", safe_serialization=True)
     noise_scheduler().save_pretrained(out / "scheduler")
-    clock = lap("unet", clock)
 
-    classifier, classifier_report = _classifier_stage(vae, train, heldout, config)
-    clock = lap("classifier", clock)
-
-    unet_report = _evaluate_unet(unet, vae, scorer, classifier, conditioner, heldout, config, out)
-    lap("evaluation", clock)
+    unet_report = _timed(
+        timings,
+        "evaluation",
+        _evaluate_unet,
+        unet,
+        vae,
+        scorer,
+        classifier,
+        conditioner,
+        heldout,
+        config,
+        out,
+    )
     timings["total"] = time.perf_counter() - start
 
     version = {
@@ -172,6 +202,7 @@ def _pretrain(out: Path, config: PretrainConfig) -> Path:
     report = {
         **version,
         "config": dataclasses.asdict(config),
+        "workers": 1 if pool is None else 2,
         "timings_s": timings,
         "vae": vae_report,
         "clip": clip_report,
@@ -189,6 +220,31 @@ def _pretrain(out: Path, config: PretrainConfig) -> Path:
         "pre-trained tiny weights in %s (%.0f s); report: %s", out, timings["total"], out / "report.md"
     )
     return out
+
+
+def _timed(timings: dict[str, float], stage: str, job: Callable[..., Any], *args: Any) -> Any:
+    """``job(*args)``, its wall time recorded as ``timings[stage]`` and logged."""
+    tic = time.perf_counter()
+    result = job(*args)
+    timings[stage] = time.perf_counter() - tic
+    logger.info("%s done in %.0f s", stage, timings[stage])
+    return result
+
+
+def _vae_and_classifier_stages(
+    train: SceneSet, heldout: SceneSet, config: PretrainConfig, out: Path
+) -> tuple[
+    dict[str, Any], tuple[torch.Tensor, torch.Tensor], torch.nn.Module, dict[str, Any], dict[str, float]
+]:
+    """The VAE stage, then the scene classifier (which reads the trained VAE): their reports, the training
+    latents, the classifier and the stages' timings. Runs in the worker process when there is one."""
+    timings: dict[str, float] = {}
+    _, vae = load_stable_diffusion(str(out))
+    vae_report, latents = _timed(timings, "vae", _vae_stage, vae, train, heldout, config, out)
+    classifier, classifier_report = _timed(
+        timings, "classifier", _classifier_stage, vae, train, heldout, config
+    )
+    return vae_report, latents, classifier, classifier_report, timings
 
 
 def _vae_stage(

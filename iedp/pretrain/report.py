@@ -77,8 +77,16 @@ def _training(report: dict[str, Any]) -> list[str]:
     """Timings of each stage and the first / last losses of each training curve."""
     timings = report["timings_s"]
     losses = {stage: loss_summary(curve) for stage, curve in report["losses"].items()}
+    side_by_side = (
+        "the VAE and the classifier ran in a second process, alongside CLIP and the UNet, so the total is less "
+        "than the sum"
+        if report.get("workers", 1) > 1
+        else "one process"
+    )
     return [
         "## Timings (seconds)",
+        "",
+        f"Wall time of each stage, one intra-op thread per process ({side_by_side}).",
         "",
         "| render | VAE | CLIP | UNet | scene classifier | evaluation and report | total |",
         "|---|---|---|---|---|---|---|",
