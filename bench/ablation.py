@@ -25,6 +25,9 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+# The repository root: BENCHMARKS.md and bench/results/ are found from here, whatever the working directory.
+ROOT = Path(__file__).resolve().parent.parent
+
 # variant -> config overrides: every method of iedp.methods.METHODS (the implicit branch in both of its forms);
 # every variant of one seed sees the same scenes in the same order.
 VARIANTS = {
@@ -205,7 +208,7 @@ def main() -> None:
         "--eval-every", type=int, default=0, help="also evaluate every N steps and report the learning curves"
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides")
-    parser.add_argument("--json", default="bench/results/ablation.json")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "ablation.json"))
     parser.add_argument("--no-append", action="store_true", help="do not append the tables to BENCHMARKS.md")
     parser.add_argument(
         "--report-only", action="store_true", help="only write the tables of the runs already in --json"
@@ -216,7 +219,7 @@ def main() -> None:
     text = report(runs, args)
     print(text)
     if not args.no_append:
-        with open("BENCHMARKS.md", "a", encoding="utf-8") as f:
+        with open(ROOT / "BENCHMARKS.md", "a", encoding="utf-8") as f:
             f.write(text)
 
 

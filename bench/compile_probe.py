@@ -10,7 +10,12 @@ from pathlib import Path
 
 import torch
 
-from bench.speed import build_seg_model, make_batch, prepare, real_size_parts, stage_call, time_calls
+# Run as a file, only bench/ is on the import path; ``bench.*`` needs the repository root (see speed.py).
+if __package__ in (None, ""):
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from bench.speed_models import build_seg_model, make_batch, prepare, real_size_parts
+from bench.timing import stage_call, time_calls
 
 
 def main(out: Path) -> None:

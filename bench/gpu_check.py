@@ -1,12 +1,12 @@
 """GPU check of the real-size IEDP segmentation model in bf16: throughput, peak memory, projected ADE20K run time.
 
-Measured on one GPU, in one process, with the model of :mod:`bench.speed` (SD v1.5 UNet/VAE + CLIP ViT-L/14
-with random weights, ADE20K's 150 classes, ``iedp`` method, our attention):
+Measured on one GPU, in one process, with the model of :mod:`bench.speed_models` (SD v1.5 UNet/VAE + CLIP
+ViT-L/14 with random weights, ADE20K's 150 classes, ``iedp`` method, our attention):
 
 - first, issue 15's comparison: whole inference at 512×512, batch 16, ``ours-default`` (what ``iedp predict`` runs
   by default: our attention, bf16 autocast over the fp32 weights as loaded) vs ``vpd-config`` (VPD's
   configuration: fp32, classic attention everywhere, VPD-style capture, no compile), alternating call by call
-  (:func:`bench.speed.measure_variants`); the peak memory of each is that of one more call after a reset;
+  (:func:`bench.timing.measure_variants`); the peak memory of each is that of one more call after a reset;
 - inference (the implicit branch, as at test time) at 512×512, batch 1 and 16, in images/s; at batch 16 also
   the VPD-style attention baseline, for the speed ratio on GPU;
 - one training step (both branches in one 2B UNet call, backward, AdamW) at batch 2 and 8, with and without
@@ -39,22 +39,9 @@ from pathlib import Path
 
 import torch
 
-from bench.speed import (
-    ROOT,
-    AttentionVariants,
-    PeakMemory,
-    append_rows,
-    build_parts,
-    build_seg_model,
-    machine,
-    machine_label,
-    make_batch,
-    measure_variants,
-    prepare,
-    stage_call,
-    synchronize,
-    time_calls,
-)
+from bench.speed_models import AttentionVariants, build_parts, build_seg_model, make_batch, prepare
+from bench.tables import BENCHMARKS, append_rows, machine_label
+from bench.timing import PeakMemory, machine, measure_variants, stage_call, synchronize, time_calls
 from iedp.models.iedp import IEDPModel
 
 logger = logging.getLogger(__name__)
@@ -330,9 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.rows_from:
-        append_rows(
-            ROOT / "BENCHMARKS.md", SECTION, HEADER, table_rows(json.loads(args.rows_from.read_text()))
-        )
+        append_rows(BENCHMARKS, SECTION, HEADER, table_rows(json.loads(args.rows_from.read_text())))
         return
     if args.out_dir is None:
         parser.error("OUT_DIR is required unless --rows-from is given")

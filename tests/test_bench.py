@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import tables
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "speed.py"
 RECORD_KEYS = {
@@ -89,34 +91,34 @@ def test_baseline_output_equals_ours(worker_run):
     torch.testing.assert_close(baseline, ours, atol=1e-4, rtol=0)
 
 
-def _record(speed, variant, median_s, extra_bytes, memory_only=False):
+def _record(variant, median_s, extra_bytes, memory_only=False):
     memory = (
         None
         if extra_bytes is None
         else {"base_bytes": 1, "peak_bytes": 1 + extra_bytes, "extra_bytes": extra_bytes}
     )
-    record = dict.fromkeys(speed.COMPARED_KEYS, None) | {"stage": "unet", "dtype": "fp32", "size": 512}
+    record = dict.fromkeys(tables.COMPARED_KEYS, None) | {"stage": "unet", "dtype": "fp32", "size": 512}
     timing = {"median_s": median_s, "times_s": [median_s], "median_cpu_s": median_s, "threads": 2}
     return (
         record | timing | {"variant": variant, "device": "cpu", "memory": memory, "memory_only": memory_only}
     )
 
 
-def test_comparisons_and_goals(speed):
+def test_comparisons_and_goals():
     records = [
-        _record(speed, "ours", 2.0, 100),
-        _record(speed, "baseline", 4.0, None),
-        _record(speed, "baseline", None, 400, memory_only=True),
+        _record("ours", 2.0, 100),
+        _record("baseline", 4.0, None),
+        _record("baseline", None, 400, memory_only=True),
     ]
-    merged = speed.merge_memory(records)
+    merged = tables.merge_memory(records)
     assert len(merged) == 2 and merged[1]["memory"]["extra_bytes"] == 400
-    (compared,) = speed.comparisons(merged)
+    (compared,) = tables.comparisons(merged)
     assert compared["speedup"] == compared["cpu_time_speedup"] == 2.0 and compared["memory_ratio"] == 0.25
-    goals = speed.goals([compared])
+    goals = tables.goals([compared])
     assert goals["unet_speedup>=1.5"]["met"] and goals["unet_memory_ratio<=0.5"]["met"]
     assert goals["unet_speedup>=1.5"]["measure"] == "speedup"  # wall time unless single-threaded
     assert "train_speedup>=1.5" not in goals
-    goals = speed.goals([compared | {"threads": 1, "cpu_time_speedup": 1.2}])
+    goals = tables.goals([compared | {"threads": 1, "cpu_time_speedup": 1.2}])
     assert goals["unet_speedup>=1.5"] == {
         "measure": "cpu_time_speedup",
         "value": 1.2,
@@ -125,12 +127,12 @@ def test_comparisons_and_goals(speed):
     }
 
 
-def test_append_rows_keeps_sections_apart(speed, tmp_path):
+def test_append_rows_keeps_sections_apart(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
-    speed.append_rows(path, "A", "| x |", ["| 1 |"], "about A")
-    speed.append_rows(path, "B", "| y |", ["| 2 |"])
+    tables.append_rows(path, "A", "| x |", ["| 1 |"], "about A")
+    tables.append_rows(path, "B", "| y |", ["| 2 |"])
     path.write_text(path.read_text().replace("| 1 |\n", "| 1 |\n\nnotes on A\n"))
-    speed.append_rows(path, "A", "| x |", ["| 3 |"])
+    tables.append_rows(path, "A", "| x |", ["| 3 |"])
     text = path.read_text()
     assert text.startswith("# Benchmarks")
     assert "| x |\n|---|\n| 1 |\n| 3 |\n\nnotes on A\n\n## B\n\n| y |\n|---|\n| 2 |\n" in text

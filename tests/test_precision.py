@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
+from bench import speed_models, tables, timing
 from iedp.engine.inference import resolve_dtype
 from iedp.models.attention import ClassAttentionProcessor
 
@@ -67,9 +68,9 @@ def test_cpu_capabilities_do_not_decide_for_other_devices(monkeypatch):
 
 # -- channels_last VAE input -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_model(speed):
-    parts = speed.tiny_parts(CPU)
-    return speed.build_seg_model(parts, seed=0, gradient_checkpointing=False, width=16).eval()
+def tiny_model():
+    parts = speed_models.tiny_parts(CPU)
+    return speed_models.build_seg_model(parts, seed=0, gradient_checkpointing=False, width=16).eval()
 
 
 def test_encoder_input_format_defaults_by_device(tiny_model):
@@ -117,9 +118,9 @@ def processors_of(module: torch.nn.Module) -> dict[str, object]:
     return {name: m.processor for name, m in module.named_modules() if isinstance(m, Attention)}
 
 
-def test_vpd_config_installs_classic_attention_everywhere(speed, tiny_model):
+def test_vpd_config_installs_classic_attention_everywhere(tiny_model):
     backbone = tiny_model.backbone
-    variants = speed.AttentionVariants(tiny_model)
+    variants = speed_models.AttentionVariants(tiny_model)
     capture = {name.removesuffix(".processor") for name in backbone.capture_layers()}
     assert capture  # the tiny model captures class maps at some layers
     try:
@@ -127,11 +128,11 @@ def test_vpd_config_installs_classic_attention_everywhere(speed, tiny_model):
         unet, vae = processors_of(backbone.unet), processors_of(backbone.vae)
         assert len(unet) == len(backbone.unet.attn_processors) and len(vae) >= 1
         for name, processor in unet.items():
-            expected = speed.VPDCaptureProcessor if name in capture else AttnProcessor
+            expected = speed_models.VPDCaptureProcessor if name in capture else AttnProcessor
             assert type(processor) is expected, name
         assert all(type(p) is AttnProcessor for p in vae.values())
         assert backbone.encoder_channels_last is False
-        assert speed.variant_dtype("vpd-config", "fp32", CPU) == "fp32"
+        assert timing.variant_dtype("vpd-config", "fp32", CPU) == "fp32"
 
         variants.use("ours-default")
         unet, vae = processors_of(backbone.unet), processors_of(backbone.vae)
@@ -140,7 +141,9 @@ def test_vpd_config_installs_classic_attention_everywhere(speed, tiny_model):
             assert type(processor) is expected, name
         assert all(type(p) is AttnProcessor2_0 for p in vae.values())
         assert backbone.encoder_channels_last is None  # the backbone's own default
-        assert speed.variant_dtype("ours-default", "fp32", CPU) == speed.dtype_name(resolve_dtype(None, CPU))
+        assert timing.variant_dtype("ours-default", "fp32", CPU) == timing.dtype_name(
+            resolve_dtype(None, CPU)
+        )
 
         variants.use("ours-default-contiguous")
         assert backbone.encoder_channels_last is False
@@ -149,11 +152,11 @@ def test_vpd_config_installs_classic_attention_everywhere(speed, tiny_model):
         backbone.encoder_channels_last = None
 
 
-def test_ours_default_dtype_follows_the_cpu(speed, monkeypatch):
+def test_ours_default_dtype_follows_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
-    assert speed.variant_dtype("ours-default", "fp32", CPU) == "bf16"
-    assert speed.variant_dtype("vpd-config", "fp32", CPU) == "fp32"
-    assert speed.variant_dtype("ours", "fp32", CPU) == "fp32"  # attention variants keep the worker's dtype
+    assert timing.variant_dtype("ours-default", "fp32", CPU) == "bf16"
+    assert timing.variant_dtype("vpd-config", "fp32", CPU) == "fp32"
+    assert timing.variant_dtype("ours", "fp32", CPU) == "fp32"  # attention variants keep the worker's dtype
 
 
 def _record(variant, dtype, median_s, extra_bytes, vae_channels_last=False, stage="inference"):
@@ -180,7 +183,7 @@ def _record(variant, dtype, median_s, extra_bytes, vae_channels_last=False, stag
     }
 
 
-def test_defaults_comparison_pairs_across_dtypes(speed):
+def test_defaults_comparison_pairs_across_dtypes():
     records = [
         _record("ours-default", "bf16", 5.0, 300, vae_channels_last=True),
         _record("vpd-config", "fp32", 20.0, 1200),
@@ -188,12 +191,12 @@ def test_defaults_comparison_pairs_across_dtypes(speed):
         _record("ours", "fp32", 10.0, 100),  # an attention pair of another dtype: compared on its own
         _record("baseline", "fp32", 12.0, 200),
     ]
-    compared = {c["variant"]: c for c in speed.comparisons(records)}
+    compared = {c["variant"]: c for c in tables.comparisons(records)}
     assert compared["ours-default"]["speedup"] == 4.0 and compared["ours-default"]["memory_ratio"] == 0.25
     assert compared["ours-default"]["reference"] == "vpd-config"
     assert compared["ours-default-contiguous"]["cpu_time_speedup"] == 2.5
     assert compared["ours"]["speedup"] == 1.2 and compared["ours"]["reference"] == "baseline"
-    goals = speed.goals(list(compared.values()))
+    goals = tables.goals(list(compared.values()))
     assert goals["cpu_defaults_inference_speedup>=3"] == {
         "measure": "cpu_time_speedup",
         "value": 4.0,
@@ -201,7 +204,7 @@ def test_defaults_comparison_pairs_across_dtypes(speed):
         "size": 512,
     }
     assert goals["inference_speedup>=1.3"]["value"] == 1.2  # still ours vs baseline
-    row = speed.table_row(
+    row = tables.table_row(
         records[0] | {"machine": {"gpu": "X"}, "images_per_s": 0.2, "load_average": 1.0},
         list(compared.values()),
         "2026-11-28",
@@ -248,7 +251,7 @@ def test_seg_agreement_summary(precision):
 
 def test_gpu_check_defaults_comparison(monkeypatch):
     """bench/gpu_check.py's ours-default vs vpd-config ratios and goals (the GPU rows are measured elsewhere)."""
-    monkeypatch.syspath_prepend(str(ROOT))  # gpu_check imports bench.speed
+    monkeypatch.syspath_prepend(str(ROOT))  # gpu_check imports bench.*
     gpu_check = load_script("gpu_check")
 
     def record(variant, dtype, times, peak):
