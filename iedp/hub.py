@@ -23,11 +23,6 @@ CARD_NAME = "README.md"
 SD_V15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_WEIGHTS = ("tiny", "tiny-pretrained")
 
-SUMMARY_METRICS = {
-    "seg": ("mIoU", "mAcc", "aAcc"),
-    "depth": ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"),
-}
-
 
 def read_metrics(folder: Path) -> dict | None:
     """The last evaluation's metrics: ``folder/metrics.json`` as ``iedp evaluate`` writes it
@@ -62,7 +57,7 @@ def base_licence(config: Config) -> tuple[str, str]:
 def metrics_table(metrics: dict | None, task: str) -> str:
     if not metrics:
         return "No evaluation recorded yet: run `iedp evaluate` on this folder and save it again."
-    keys = [k for k in SUMMARY_METRICS[task] if k in metrics]
+    keys = [k for k in TASKS[task].summary_metrics if k in metrics]
     rows = "\n".join(f"| {k} | {metrics[k]:.4f} |" for k in keys)
     unit = " (%)" if task == "seg" else " (rmse in metres)"
     return f"| metric | value{unit} |\n|---|---|\n{rows}"

@@ -17,10 +17,9 @@ from iedp.config import Config, apply_overrides
 from iedp.data.images import write_depth_png
 from iedp.engine.data import build_dataset
 from iedp.engine.inference import predict_sample, resolve_device, resolve_dtype
-from iedp.metrics.depth import DepthMetric
-from iedp.metrics.segmentation import SegmentationMetric
 from iedp.model_files import load_model
 from iedp.models.iedp import IEDPModel
+from iedp.models.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +52,8 @@ def evaluate_model(
     model.eval()
     count = len(dataset) if config.data.max_val is None else min(len(dataset), config.data.max_val)
     indices = range(accelerator.process_index, count, accelerator.num_processes)
-    if model.task == "seg":
-        metric = SegmentationMetric(model.num_classes, model.class_names)
-    else:
-        metric = DepthMetric(crop=config.eval.depth_crop, max_depth=config.model.max_depth)
+    task = TASKS[model.task]
+    metric = task.metric(model.class_names, config)
     out_dir = Path(save_predictions) if save_predictions else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,10 +64,8 @@ def evaluate_model(
     for index in tqdm(indices, desc="evaluate", disable=not accelerator.is_local_main_process, leave=False):
         sample = dataset[index]
         prediction = predict_sample(model, sample, config, device, dtype=dtype)
-        if model.task == "seg":
-            metric.update(prediction.cpu(), sample["label"])
-        else:
-            metric.update(prediction.cpu(), sample["depth"][0])
+        # the ground truth in the prediction's (H, W) shape: depth samples carry a channel axis
+        metric.update(prediction.cpu(), sample[task.target].reshape(prediction.shape))
         if out_dir:
             save_prediction(prediction, sample["name"], model.task, out_dir, label_offset)
     state = {k: accelerator.reduce(v.to(accelerator.device), "sum").cpu() for k, v in metric.state().items()}
@@ -90,8 +85,10 @@ def evaluate_checkpoint(
 ) -> dict:
     """``iedp evaluate``: the checkpoint's own config (data, eval), changed by ``--set`` overrides.
 
-    ``device`` (default: the process's accelerator device) and ``dtype`` (default ``auto``: bf16 on a GPU that
-    has it, else fp32) are resolved as ``iedp predict`` resolves them, so both score the same pictures."""
+    ``device`` (default: the process's accelerator device) and ``dtype`` (default ``auto``: bf16 where the
+    device runs it natively, a GPU with bf16 or a CPU with AVX512-BF16/AMX, else fp32;
+    :func:`~iedp.engine.inference.resolve_dtype`) are resolved as ``iedp predict`` resolves them, so both
+    score the same pictures."""
     from iedp.outputs import check_output_dir, check_output_file
 
     model, config = load_model(checkpoint)
@@ -112,7 +109,9 @@ def evaluate_checkpoint(
         path = Path(json_path) if json_path else Path(checkpoint) / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
-            json.dumps({"checkpoint": str(checkpoint), "config": config.to_dict(), "metrics": metrics}, indent=2)
+            json.dumps(
+                {"checkpoint": str(checkpoint), "config": config.to_dict(), "metrics": metrics}, indent=2
+            )
         )
         logger.info("metrics written to %s", path)
     return metrics
@@ -120,10 +119,6 @@ def evaluate_checkpoint(
 
 def format_metrics(metrics: dict, task: str) -> str:
     """A small plain-text table of the summary metrics."""
-    keys = (
-        ("mIoU", "mAcc", "aAcc")
-        if task == "seg"
-        else ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
-    )
+    keys = TASKS[task].summary_metrics
     width = max(len(k) for k in keys)
     return "\n".join(f"{k:<{width}}  {metrics[k]:.4f}" for k in keys if k in metrics)

@@ -23,6 +23,7 @@ from iedp.config import Config
 from iedp.data.transforms import normalize, rescale_size, resize_image
 from iedp.errors import InputError
 from iedp.models.iedp import IEDPModel
+from iedp.models.tasks import TASKS
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
@@ -234,7 +235,7 @@ def predict_sample(
 ) -> torch.Tensor:
     """Seg: label map (H, W) at ``out_size`` (default: the label's size); depth: metres (H, W) at the image's."""
     scores = predict_scores(model, sample, config, device, out_size, dtype)
-    return scores.argmax(dim=0) if model.task == "seg" else scores[0]
+    return TASKS[model.task].to_map(scores)
 
 
 def scores_are_probabilities(config: Config) -> bool:
@@ -341,7 +342,7 @@ def class_attention(
     captures at its finest map stride (heads and layers averaged), over the same windows as the
     prediction, bilinearly resized to the image."""
     backbone = model.backbone
-    if model.task != "seg" or not backbone.map_strides:
+    if not backbone.map_strides:  # captured only where the class tokens lead the context (segmentation)
         raise ValueError("class attention maps need a segmentation model with model.attention_maps=true")
     stride = min(backbone.map_strides)
     captured: dict[str, torch.Tensor] = {}

@@ -8,7 +8,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from iedp.config import TrainConfig
+from iedp.config import OPTIMIZERS, TrainConfig
+from iedp.models.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +26,21 @@ def decays_by_rank(param: torch.Tensor) -> bool:
 
 
 def _norm_params(modules: Iterable[nn.Module]) -> set[int]:
-    return {id(p) for m in modules for sub in m.modules() if isinstance(sub, NORM_LAYERS) for p in sub.parameters()}
+    return {
+        id(p)
+        for m in modules
+        for sub in m.modules()
+        if isinstance(sub, NORM_LAYERS)
+        for p in sub.parameters()
+    }
 
 
 def _attention_blocks(unet: nn.Module) -> list[nn.Module]:
     """The UNet's transformer blocks (``attentions`` of its down, mid and up blocks): ldm's SpatialTransformers."""
     blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    return [attn for block in blocks if block is not None for attn in (getattr(block, "attentions", None) or [])]
+    return [
+        attn for block in blocks if block is not None for attn in (getattr(block, "attentions", None) or [])
+    ]
 
 
 def parameter_groups(
@@ -136,10 +145,28 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return max(floor, 1 - (1 - floor) * (s / warmup - 1) ** power)
 
 
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimizer ``train.optimizer`` names: ``adamw`` (PyTorch's) or ``adamw8bit`` (bitsandbytes' AdamW with
+    8-bit block-wise quantized moments: a quarter of AdamW's state memory; tensors under 4096 elements keep
+    32-bit moments). Raises ImportError saying what to install when bitsandbytes is missing."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    if name != "adamw8bit":
+        raise ValueError(f"train.optimizer: {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ImportError(
+            'train.optimizer=adamw8bit needs bitsandbytes: pip install "iedp[optim8bit]"'
+        ) from None
+    return bitsandbytes.optim.AdamW8bit
+
+
 def build_optimizer(
     model: nn.Module, unet: nn.Module, config: TrainConfig, task: str = "seg"
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over VPD's groups for ``task`` (seg: the mmseg rule, depth: the ldm rule) and the lr schedule.
+    """``config.optimizer`` (AdamW or its 8-bit form) over VPD's groups for ``task`` (seg: the mmseg rule, depth:
+    the ldm rule) and the lr schedule.
 
     The task heads are the parts the model's task built (its ``head_parts``: FPN neck and head, or depth head)."""
     heads = [getattr(model, name) for name in getattr(model, "head_parts", ())]
@@ -149,9 +176,9 @@ def build_optimizer(
         config.lr,
         config.weight_decay,
         config.unet_lr_mult,
-        rule="mmseg" if task == "seg" else "ldm",
+        rule=TASKS[task].param_rule,
         heads=heads,
     )
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = optimizer_class(config.optimizer)(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     return optimizer, scheduler

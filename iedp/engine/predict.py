@@ -227,9 +227,11 @@ def predict_paths(
     its frames predicted ``video_batch`` at a time, and with ``raw_frames`` one PNG per frame
     (:func:`iedp.video.predict_video`).
 
-    The model is loaded once and runs on ``device`` (default: the GPU when there is one) in ``dtype`` (default:
-    bf16 where the GPU has it, else fp32), resolved as ``iedp evaluate`` resolves them. Inputs are all checked
-    first, so a missing path fails before the model loads; an unreadable image stops the run with its name.
+    The model is loaded once and runs on ``device`` (default: the GPU when there is one) in ``dtype``
+    (default: bf16 where the device runs it natively, a GPU with bf16 or a CPU with AVX512-BF16/AMX, else
+    fp32; :func:`~iedp.engine.inference.resolve_dtype`), resolved as ``iedp evaluate`` resolves them.
+    Inputs are all checked first, so a missing path fails before the model loads; an unreadable image
+    stops the run with its name.
     """
     paths = expand_inputs(inputs)
     check_output_dir(out_dir, "--out")  # before the model loads: a file, read-only or /proc fails at once

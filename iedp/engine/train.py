@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from iedp.config import Config
 from iedp.engine.data import build_dataset, make_loader
 from iedp.engine.evaluate import evaluate_model
-from iedp.engine.optim import build_optimizer
+from iedp.engine.optim import build_optimizer, optimizer_class
 from iedp.engine.train_state import CheckpointManager
 from iedp.errors import InputError, Interrupted
 from iedp.models.build import build_model
+from iedp.models.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +66,12 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, float | int | str | bool]:
     return out
 
 
-def sync_batchnorm(model: torch.nn.Module, task: str, num_processes: int, device_type: str) -> torch.nn.Module:
+def sync_batchnorm(
+    model: torch.nn.Module, task: str, num_processes: int, device_type: str
+) -> torch.nn.Module:
     """SyncBatchNorm in the heads of segmentation models trained on several GPUs (VPD's mmseg config); depth models
     keep plain BatchNorm, each GPU normalising its own share of the batch (VPD's depth model)."""
-    if task == "seg" and num_processes > 1 and device_type == "cuda":
+    if TASKS[task].sync_batchnorm and num_processes > 1 and device_type == "cuda":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
@@ -138,6 +141,7 @@ def train(config: Config, resume: str | None = None) -> Path:
 def _set_up(config: Config) -> _Run:
     """Accelerator, model (frozen parts in the mixed-precision dtype), optimizer, data, checkpoints, all prepared."""
     tc = config.train
+    optimizer_class(tc.optimizer)  # a missing optional library stops the run before the model loads
     out = Path(tc.out)
     accelerator = Accelerator(
         gradient_accumulation_steps=tc.grad_accum,
