@@ -64,7 +64,12 @@ def _train(args: argparse.Namespace) -> int:
         check_output_dir(config.train.out, "train.out")
     else:
         check_new_run(config.train.out)
-    train(config, resume=args.resume)
+    try:
+        train(config, resume=args.resume)
+    except ImportError as error:  # train.optimizer=adamw8bit without bitsandbytes: one line saying what to install
+        if "pip install" not in str(error):
+            raise
+        raise InputError(str(error)) from None
     return 0
 
 

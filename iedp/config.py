@@ -23,6 +23,7 @@ from iedp.methods import METHODS
 
 TASKS = ("seg", "depth")
 DATASETS = ("synthetic", "ade20k", "nyu", "custom_seg", "custom_depth", "kitti", "cityscapes")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class TrainConfig:
     poly_power: float = 1.0
     rise_fall_power: float = 0.9  # rise_fall: exponent of both halves (VPD 0.9; 1 is linear)
     mixed_precision: str = "no"  # no | bf16 | fp16
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes' 8-bit AdamW: moments in 8 bits, pip install "iedp[optim8bit]")
     grad_clip: float | None = None
     checkpoint_every: int = 2000
     checkpoints_total_limit: int | None = 2
@@ -147,6 +149,7 @@ class Config:
         _check_choice("model.head_norm", self.model.head_norm, ("bn", "gn"))
         _check_choice("train.schedule", self.train.schedule, ("poly", "rise_fall"))
         _check_choice("train.mixed_precision", self.train.mixed_precision, ("no", "bf16", "fp16"))
+        _check_choice("train.optimizer", self.train.optimizer, OPTIMIZERS)
         _check_choice("eval.depth_crop", self.eval.depth_crop, ("eigen", "garg", "none"))
         for key in ("implicit_queries", "implicit_layers", "implicit_heads"):
             if getattr(self.model, key) < 1:
