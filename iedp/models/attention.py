@@ -15,20 +15,27 @@ from diffusers.models.attention_processor import Attention
 class AttentionStore:
     """Sums of head-averaged class-token attention maps, keyed by the number of query tokens (one per resolution).
 
-    The backbone clears it before each UNet call and reads the per-resolution layer average afterwards.
+    The backbone clears it before each UNet call, lets it record only during that call (``recording``) and reads
+    the per-resolution layer average afterwards. Outside the call nothing is added: with gradient checkpointing the
+    backward pass runs the checkpointed blocks, and so the capture processors, a second time, and those maps must
+    not be counted again.
     """
 
     def __init__(self, num_class_tokens: int) -> None:
         self.num_class_tokens = num_class_tokens
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
+        self.recording = False
 
     def clear(self) -> None:
         self.sums.clear()
         self.counts.clear()
 
     def add(self, maps: torch.Tensor) -> None:
-        """maps: (B, HW, C) attention of the HW queries on the C class tokens, averaged over heads."""
+        """maps: (B, HW, C) attention of the HW queries on the C class tokens, averaged over heads; ignored when
+        the store is not recording (a recomputation in the backward pass)."""
+        if not self.recording:
+            return
         num_queries = maps.shape[1]
         if num_queries in self.sums:
             self.sums[num_queries] = self.sums[num_queries] + maps

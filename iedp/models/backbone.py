@@ -122,6 +122,8 @@ class DiffusionBackbone(nn.Module):
         stride = self.feature_strides[index]
 
         def keep_output(_module, _args, output):
+            if not self.store.recording:  # a gradient-checkpointing recomputation in the backward pass
+                return
             if isinstance(output, tuple):  # Transformer2DModel called with return_dict=False
                 output = output[0]
             self._features[stride] = getattr(output, "sample", output)
@@ -168,7 +170,13 @@ class DiffusionBackbone(nn.Module):
         self._features.clear()
         self.store.clear()
         timesteps = torch.full((B,), self.timestep, device=latents.device, dtype=torch.long)
-        self.unet(latents.to(self.unet.dtype), timesteps, encoder_hidden_states=context.to(self.unet.dtype))
+        self.store.recording = True
+        try:
+            self.unet(
+                latents.to(self.unet.dtype), timesteps, encoder_hidden_states=context.to(self.unet.dtype)
+            )
+        finally:
+            self.store.recording = False
         features, class_attention = {}, {}
         for stride in sorted(self.feature_strides.values()):
             feature = self._features[stride]
