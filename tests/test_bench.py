@@ -136,3 +136,66 @@ def test_append_rows_keeps_sections_apart(tmp_path):
     text = path.read_text()
     assert text.startswith("# Benchmarks")
     assert "| x |\n|---|\n| 1 |\n| 3 |\n\nnotes on A\n\n## B\n\n| y |\n|---|\n| 2 |\n" in text
+
+
+def _memory_bench():
+    """bench/memory.py as a module; its top level imports neither torch nor iedp (the worker does)."""
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "bench" / "memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_bench_summary_and_table():
+    memory = _memory_bench()
+    gib = memory.GIB
+
+    def record(method, variant, peak_gib, step_gib):
+        return {
+            "method": method,
+            "variant": variant,
+            "peak_bytes": peak_gib * gib,
+            "step_bytes": step_gib * gib,
+        }
+
+    records = [
+        record("iedp", "baseline", 16, 12) | {"loss": 5.0},
+        record("iedp", "baseline", 18, 13) | {"loss": 5.0},
+        record("iedp", "baseline", 17, 14) | {"loss": 5.0},
+        record("iedp", "all", 8.5, 6) | {"loss": 5.25},
+        record("vpd", "adamw8bit", 10, 7) | {"loss": 4.0},
+    ]
+    rows = memory.summarize(records)
+    assert [(r["method"], r["variant"], r["repeats"]) for r in rows] == [
+        ("iedp", "baseline", 3),
+        ("iedp", "all", 1),
+        ("vpd", "adamw8bit", 1),
+    ]
+    assert rows[0]["peak_bytes"] == 17 * gib and rows[0]["step_bytes"] == 13 * gib  # medians
+    assert rows[0]["peak_vs_baseline"] == 1.0 and rows[1]["peak_vs_baseline"] == 0.5
+    assert rows[2]["peak_vs_baseline"] is None  # no vpd baseline measured
+    assert set(rows[0]) == {
+        "method",
+        "variant",
+        "repeats",
+        "peak_bytes",
+        "step_bytes",
+        "loss",
+        "peak_vs_baseline",
+    }
+    json.dumps(rows)  # JSON-safe as written to bench/results
+    table = memory.markdown_table(rows).splitlines()
+    assert table[0].startswith("| method | variant | peak (GiB)") and len(table) == 2 + len(rows)
+    assert table[2] == "| iedp | baseline | 17.00 | 13.00 | 1.00× | 5.0000 | 3 |"
+    assert table[3] == "| iedp | all | 8.50 | 6.00 | 0.50× | 5.2500 | 1 |"
+    assert table[4] == "| vpd | adamw8bit | 10.00 | 7.00 | – | 4.0000 | 1 |"
+
+
+def test_memory_bench_options():
+    memory = _memory_bench()
+    args = memory.parse_args(["--methods", "vpd", "--variants", "baseline,all", "--tiny"])
+    assert args.methods == ["vpd"] and args.variants == ["baseline", "all"] and args.batch_size == 2
+    assert memory._shared_options(args)[-1] == "--tiny"
+    with pytest.raises(SystemExit):
+        memory.parse_args(["--variants", "baseline,fp8"])
+    assert set(memory.VARIANTS["all"]) == {"gradient_checkpointing", "optimizer", "frozen_bf16"}
