@@ -36,7 +36,11 @@ def one_thread_per_worker() -> Iterator[None]:
 
 
 def start_worker(level: int) -> None:
-    """Initialiser of a worker process: one intra-op thread and the parent's log level, its lines tagged with
-    its process id."""
+    """Initialiser of a worker process: one intra-op thread and the parent's log level, its lines timed (as the
+    CLI's) and tagged with its process id."""
     torch.set_num_threads(1)
-    logging.basicConfig(level=level, format=f"[worker {os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s [worker {os.getpid()}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
