@@ -165,10 +165,11 @@ def _pretrain(out: Path, config: PretrainConfig, pool: ProcessPoolExecutor | Non
     timings = {"render": time.perf_counter() - start}
     logger.info("render done in %.0f s", timings["render"])
 
-    vae_job = _start(pool, _vae_and_classifier_stages, train, heldout, config, out)
+    vae_job = _start(pool, _vae_job, train, heldout, config, out)
     scorer, clip_report = _timed(timings, "clip", _clip_stage, train, heldout, config, out)
-    vae_report, latents, classifier, classifier_report, worker_timings = vae_job.result()
-    timings.update(worker_timings)
+    vae_report, latents, timings["vae"] = vae_job.result()
+    # the classifier reads the trained VAE; it trains in the worker while the UNet trains here
+    classifier_job = _start(pool, _classifier_job, train, heldout, config, out)
 
     unet, vae = load_stable_diffusion(str(out))  # the trained VAE, read back as a user would
     conditioner = Conditioner(scorer.text, scorer.tokenizer)
@@ -177,6 +178,7 @@ def _pretrain(out: Path, config: PretrainConfig, pool: ProcessPoolExecutor | Non
     )
     unet.save_pretrained(out / "unet", safe_serialization=True)
     noise_scheduler().save_pretrained(out / "scheduler")
+    classifier, classifier_report, timings["classifier"] = classifier_job.result()
 
     unet_report = _timed(
         timings,
@@ -231,20 +233,26 @@ def _timed(timings: dict[str, float], stage: str, job: Callable[..., Any], *args
     return result
 
 
-def _vae_and_classifier_stages(
+def _vae_job(
     train: SceneSet, heldout: SceneSet, config: PretrainConfig, out: Path
-) -> tuple[
-    dict[str, Any], tuple[torch.Tensor, torch.Tensor], torch.nn.Module, dict[str, Any], dict[str, float]
-]:
-    """The VAE stage, then the scene classifier (which reads the trained VAE): their reports, the training
-    latents, the classifier and the stages' timings. Runs in the worker process when there is one."""
-    timings: dict[str, float] = {}
+) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor], float]:
+    """The VAE stage on the preset's VAE in ``out``: its report, the training latents and its wall time. Runs in
+    the worker process when there is one."""
+    tic = time.perf_counter()
     _, vae = load_stable_diffusion(str(out))
-    vae_report, latents = _timed(timings, "vae", _vae_stage, vae, train, heldout, config, out)
-    classifier, classifier_report = _timed(
-        timings, "classifier", _classifier_stage, vae, train, heldout, config
-    )
-    return vae_report, latents, classifier, classifier_report, timings
+    report, latents = _vae_stage(vae, train, heldout, config, out)
+    return report, latents, time.perf_counter() - tic
+
+
+def _classifier_job(
+    train: SceneSet, heldout: SceneSet, config: PretrainConfig, out: Path
+) -> tuple[torch.nn.Module, dict[str, Any], float]:
+    """The scene-classifier stage with the trained VAE in ``out``: the classifier, its report and its wall time.
+    Runs in the worker process when there is one."""
+    tic = time.perf_counter()
+    _, vae = load_stable_diffusion(str(out))
+    classifier, report = _classifier_stage(vae, train, heldout, config)
+    return classifier, report, time.perf_counter() - tic
 
 
 def _vae_stage(
