@@ -25,6 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+from iedp.workers import one_thread_per_worker, start_worker
+
 # The repository root: BENCHMARKS.md and bench/results/ are found from here, whatever the working directory.
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,12 +41,6 @@ VARIANTS = {
 }
 # metric -> True when higher is better
 METRICS = {"seg": {"mIoU": True, "aAcc": True}, "depth": {"rmse": False, "d1": True}}
-
-
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def run(
@@ -183,7 +179,10 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory() as tmp,
-        ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_one_thread) as pool,
+        one_thread_per_worker(),
+        ProcessPoolExecutor(
+            args.jobs, mp_context=get_context("spawn"), initializer=start_worker, initargs=(logging.WARNING,)
+        ) as pool,
     ):
         futures = [
             pool.submit(run, t, v, s, args.steps, args.weights, Path(tmp), args.set, args.eval_every)
@@ -214,7 +213,6 @@ def main() -> None:
         "--report-only", action="store_true", help="only write the tables of the runs already in --json"
     )
     args = parser.parse_args()
-    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before they import torch
     runs = json.loads(Path(args.json).read_text())["runs"] if args.report_only else run_all(args)
     text = report(runs, args)
     print(text)
