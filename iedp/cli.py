@@ -66,7 +66,8 @@ def _train(args: argparse.Namespace) -> int:
         check_new_run(config.train.out)
     try:
         train(config, resume=args.resume)
-    except ImportError as error:  # train.optimizer=adamw8bit without bitsandbytes: one line saying what to install
+    # train.optimizer=adamw8bit without bitsandbytes: one line saying what to install
+    except ImportError as error:
         if "pip install" not in str(error):
             raise
         raise InputError(str(error)) from None
@@ -204,7 +205,7 @@ def _add_make_tiny(commands: argparse._SubParsersAction) -> None:
 def _add_pretrain_tiny(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "pretrain-tiny",
-        help="pre-train the tiny VAE, CLIP and text-to-image UNet on synthetic scenes into DIR (about 38 min on one CPU core; the package ships the result)",
+        help="pre-train the tiny VAE, CLIP and text-to-image UNet on synthetic scenes into DIR (about an hour on two CPU cores; the package ships the result)",
     )
     p.add_argument("dir")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (seconds): for tests only")

@@ -1,7 +1,8 @@
 """Settings of the miniature pre-training (tiny VAE, CLIP and text-to-image UNet on synthetic scenes).
 
-The defaults take about 38 minutes on one (shared) CPU core (the world they build ships with the package, so users
-never wait for it); :data:`QUICK_CONFIG` runs every stage for a few steps in seconds, for tests. Every field is part of the cache key of ``resolve_weights("tiny-pretrained")``.
+The defaults take about an hour on two CPU cores (58 minutes measured, 2026-11-28); the world they build ships with
+the package, so users never wait for it. :data:`QUICK_CONFIG` runs every stage for a few steps in seconds, for
+tests. Every field is part of the cache key of ``resolve_weights("tiny-pretrained")``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ class PretrainConfig:
     seed: int = 0  # seeds make_tiny's initialisation and each stage's batches, noise and captions
     data_seed: int = 1  # SyntheticScenes seed of these scenes (the demo's is 0: they never overlap)
     resolution: int = 128  # render size of every scene, the demo's; the VAE and UNet are convolutional
-    num_train: int = 2000  # training scenes, rendered once and kept in memory
+    num_train: int = 8000  # training scenes, rendered once and kept in memory
     num_heldout: int = 240  # held-out scenes (split "val" of data_seed) for the report's figures
 
     # shared by the three optimisers: AdamW, linear warm-up then cosine decay, gradient norm clipped to 1
@@ -26,7 +27,7 @@ class PretrainConfig:
     log_every: int = 25  # log the mean loss every this many steps
 
     # (a) VAE: reconstruction (MSE) + a small KL term, on random crops
-    vae_steps: int = 500
+    vae_steps: int = 2000
     vae_batch: int = 8
     vae_crop: int = 64  # side of the random square crops (a multiple of the VAE's factor 8)
     vae_lr: float = 1e-3
@@ -34,12 +35,12 @@ class PretrainConfig:
     vae_chroma_weight: float = 2.0  # on the MSE of the chroma (pixel minus its grey): colour is learnt early
 
     # (b) CLIP: symmetric InfoNCE on (image, caption) pairs, images resized as the implicit branch does
-    clip_steps: int = 1500
+    clip_steps: int = 2500
     clip_batch: int = 96
     clip_lr: float = 2e-3
 
     # (c) UNet: latent text-to-image diffusion, epsilon prediction, SD's scaled-linear DDPM schedule
-    unet_steps: int = 1000
+    unet_steps: int = 2500
     unet_batch: int = 16
     unet_lr: float = 2e-3
     unet_resolution: int = 128  # image size whose latents the UNet is trained on (renders are resized)
@@ -47,7 +48,7 @@ class PretrainConfig:
     caption_dropout: float = 0.1  # share of captions replaced by "" (unconditional, for guidance)
 
     # (d) the independent scene classifier that judges the UNet's samples (a small CNN, not CLIP)
-    classifier_steps: int = 1000
+    classifier_steps: int = 1500
     classifier_batch: int = 64
     classifier_lr: float = 2e-3
     classifier_resolution: int = 64  # images (real renders and samples) are area-resized to this

@@ -106,7 +106,7 @@ def pretrained_tiny_dir(config: PretrainConfig | None = None) -> Path:
             return SHIPPED_DIR
         logger.warning(
             "the shipped tiny world (%s) has key %s, not %s of the current preset, renderer and pre-training "
-            "code: pre-training it again into the cache (about 45 minutes on one CPU core)",
+            "code: pre-training it again into the cache (about an hour on two CPU cores)",
             SHIPPED_DIR,
             shipped,
             key,
