@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import statistics
 import tempfile
 import time
@@ -29,6 +30,8 @@ from iedp.workers import one_thread_per_worker, start_worker
 
 # The repository root: BENCHMARKS.md and bench/results/ are found from here, whatever the working directory.
 ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_JSON = ROOT / "bench" / "results" / "ablation.json"
 
 # variant -> config overrides: every method of iedp.methods.METHODS (the implicit branch in both of its forms);
 # every variant of one seed sees the same scenes in the same order.
@@ -147,13 +150,23 @@ def curve_table(runs: list[dict], task: str) -> str:
     return "\n".join(lines)
 
 
-def report(runs: list[dict], args: argparse.Namespace) -> str:
-    command = (
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reruns ``args``' ablation (options left at their defaults are left out)."""
+    variants = (
+        "" if args.variants == list(VARIANTS) else " --variants " + " ".join(map(shlex.quote, args.variants))
+    )
+    json_file = "" if args.json == str(DEFAULT_JSON) else f" --json {shlex.quote(args.json)}"
+    return (
         f"python bench/ablation.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} "
-        f"--weights {args.weights} --tasks {' '.join(args.tasks)} --jobs {args.jobs}"
+        f"--weights {args.weights} --tasks {' '.join(args.tasks)}{variants} --jobs {args.jobs}"
         + (f" --eval-every {args.eval_every}" if args.eval_every else "")
         + "".join(f" --set {s}" for s in args.set)
+        + json_file
     )
+
+
+def report(runs: list[dict], args: argparse.Namespace) -> str:
+    command = command_line(args)
     minutes = sum(r["seconds"] for r in runs) / 60
     tables = "\n\n".join(table(runs, task) for task in args.tasks)
     curves = "\n\n".join(filter(None, (curve_table(runs, task) for task in args.tasks)))
@@ -207,7 +220,7 @@ def main() -> None:
         "--eval-every", type=int, default=0, help="also evaluate every N steps and report the learning curves"
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra overrides")
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "ablation.json"))
+    parser.add_argument("--json", default=str(DEFAULT_JSON))
     parser.add_argument("--no-append", action="store_true", help="do not append the tables to BENCHMARKS.md")
     parser.add_argument(
         "--report-only", action="store_true", help="only write the tables of the runs already in --json"

@@ -1,5 +1,6 @@
 """bench/ablation.py's statistics: paired differences against vpd, read in each metric's better direction."""
 
+import argparse
 import importlib.util
 from pathlib import Path
 
@@ -72,5 +73,30 @@ def test_curve_table_averages_each_evaluated_step_over_seeds():
 def test_variants_run_every_method_of_the_package():
     from iedp.methods import METHODS
 
-    methods = {o.split("=", 1)[1] for v in ablation.VARIANTS.values() for o in v if o.startswith("model.method=")}
+    methods = {
+        o.split("=", 1)[1] for v in ablation.VARIANTS.values() for o in v if o.startswith("model.method=")
+    }
     assert methods == set(METHODS)
+
+
+def test_command_line_names_every_option_that_differs_from_its_default():
+    args = argparse.Namespace(
+        steps=100,
+        seeds=[0, 1],
+        weights="tiny-pretrained",
+        tasks=["seg"],
+        jobs=2,
+        eval_every=0,
+        set=["train.warmup_steps=50"],
+        variants=list(ablation.VARIANTS),
+        json=str(ablation.DEFAULT_JSON),
+    )
+    assert ablation.command_line(args) == (
+        "python bench/ablation.py --steps 100 --seeds 0 1 --weights tiny-pretrained --tasks seg --jobs 2 "
+        "--set train.warmup_steps=50"
+    )
+    args.variants, args.json = ["vpd", "explicit (oracle)"], "bench/results/mine.json"
+    assert ablation.command_line(args).endswith(
+        "--tasks seg --variants vpd 'explicit (oracle)' --jobs 2 --set train.warmup_steps=50 "
+        "--json bench/results/mine.json"
+    )
