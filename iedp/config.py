@@ -30,15 +30,25 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 class ModelConfig:
     task: str = "seg"  # seg | depth
     method: str = "iedp"  # vpd | implicit | explicit | iedp (DESIGN §1 table)
-    weights: str = "tiny"  # folder with SD v1.5 (unet/, vae/) and clip/; or "tiny" / "tiny-pretrained" (tiny presets)
+    weights: str = (
+        "tiny"  # folder with SD v1.5 (unet/, vae/) and clip/; or "tiny" / "tiny-pretrained" (tiny presets)
+    )
     sd: str | None = None  # overrides the SD part: diffusers folder, .safetensors/.ckpt file or hub id
     clip: str | None = None  # overrides the CLIP part: transformers folder or hub id
     classes: str = "ade20k"  # class (seg) or scene (depth) names: ade20k | nyu_scenes | synthetic | synthetic_scenes | cityscapes | kitti_categories | generic_scene | dataset (the data folder's list) | a .txt path
-    class_template: str = "a photo of a {}."  # prompt of one class token; clip80: VPD's 80 templates averaged (NYUv2 scenes)
-    class_max_length: int | None = None  # tokens per class prompt (VPD's scene tokens: 20); None: the tokenizer's 77
-    class_embedding: str = "pooled"  # pooled (VPD: CLIP's un-projected pooled text output) | projected (text_embeds)
+    class_template: str = (
+        "a photo of a {}."  # prompt of one class token; clip80: VPD's 80 templates averaged (NYUv2 scenes)
+    )
+    class_max_length: int | None = (
+        None  # tokens per class prompt (VPD's scene tokens: 20); None: the tokenizer's 77
+    )
+    class_embedding: str = (
+        "pooled"  # pooled (VPD: CLIP's un-projected pooled text output) | projected (text_embeds)
+    )
     implicit: str = "queries"  # queries (the paper: learnable queries over CLIP image tokens) | pooled (1 frozen image_embeds token) | patches (all projected image tokens, frozen)
-    implicit_queries: int = 77  # N implicit tokens; 77 = the explicit sequence's length, so both branches share one 2B UNet call
+    implicit_queries: int = (
+        77  # N implicit tokens; 77 = the explicit sequence's length, so both branches share one 2B UNet call
+    )
     implicit_layers: int = 1  # query-decoder layers (the paper describes one)
     implicit_heads: int = 8  # attention heads of the query decoder
     explicit_tokens: str = "sequence"  # sequence (CLIP text last hidden states, 77 tokens, SD's conditioning) | projected (1 text_embeds token)
@@ -78,7 +88,12 @@ class DataConfig:
     seed: int = 0  # synthetic scenes and augmentation streams
     num_workers: int = 2
     augment: bool = True  # training augmentation; false (synthetic scenes only) uses samples as rendered
-    cutdepth: bool = False  # depth training: CutDepth on one sample in four, as VPD (the NYUv2 recipes turn it on)
+    cache_latents: bool = (
+        False  # with augment false: encode the training images once with the frozen VAE, reuse
+    )
+    cutdepth: bool = (
+        False  # depth training: CutDepth on one sample in four, as VPD (the NYUv2 recipes turn it on)
+    )
     skip_bad: bool = (
         False  # skip unreadable training files (counted and named at the end) instead of stopping
     )
@@ -103,7 +118,9 @@ class TrainConfig:
     weight_decay: float = 1e-3
     unet_lr_mult: float = 0.1  # 0.1 segmentation, 0.01 depth
     schedule: str = "poly"  # poly: linear warm-up then polynomial decay | rise_fall: VPD depth's rise from min_lr to lr and fall back, power rise_fall_power
-    warmup_steps: int = 1500  # poly: warm-up length; rise_fall: steps of the rise, and of the fall (VPD: epochs // 2 epochs)
+    warmup_steps: int = (
+        1500  # poly: warm-up length; rise_fall: steps of the rise, and of the fall (VPD: epochs // 2 epochs)
+    )
     warmup_ratio: float = 1e-6  # poly: lr at step 0 is lr × warmup_ratio
     poly_power: float = 1.0
     rise_fall_power: float = 0.9  # rise_fall: exponent of both halves (VPD 0.9; 1 is linear)
@@ -154,6 +171,11 @@ class Config:
         for key in ("implicit_queries", "implicit_layers", "implicit_heads"):
             if getattr(self.model, key) < 1:
                 raise InputError(f"model.{key}: {getattr(self.model, key)} must be at least 1")
+        if self.data.cache_latents and (self.data.augment or self.data.dataset != "synthetic"):
+            raise InputError(
+                "data.cache_latents: needs data.dataset=synthetic and data.augment=false (only un-augmented "
+                "images have fixed latents)"
+            )
         if self.data.pad_multiple % 64:
             raise InputError(
                 f"data.pad_multiple: {self.data.pad_multiple} is not a multiple of 64 (the UNet needs 1/64 maps)"
@@ -568,7 +590,9 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     for assignment in overrides:
         key = assignment.split("=", 1)[0].strip()
         if key.startswith("model.") and key.removeprefix("model.") not in CHECKPOINT_MODEL_KEYS:
-            raise InputError(f"--set {key}: a trained checkpoint's model cannot change (only model.{', model.'.join(CHECKPOINT_MODEL_KEYS)})")
+            raise InputError(
+                f"--set {key}: a trained checkpoint's model cannot change (only model.{', model.'.join(CHECKPOINT_MODEL_KEYS)})"
+            )
         set_dotted(tree, assignment)
     return config_from_dict(tree)
 

@@ -25,7 +25,6 @@ from iedp.models.tasks import TASKS
 logger = logging.getLogger(__name__)
 
 
-
 class IEDPModel(nn.Module):
     """Segmentation or depth model on a diffusion backbone with implicit / explicit language guidance.
 
@@ -146,7 +145,8 @@ class IEDPModel(nn.Module):
         """Predictions of each branch; branches whose contexts have the same length share one UNet call (2B)."""
         images = batch["image"]
         B = images.shape[0]
-        latents = self.backbone.encode(images)
+        # training latents encoded once ahead (data.cache_latents), or now
+        latents = batch["latents"].to(images.device) if "latents" in batch else self.backbone.encode(images)
         contexts = [self.context(self.guidance_tokens(b, images, batch), B) for b in branches]
         size = tuple(images.shape[-2:])
         if len(contexts) > 1 and len({c.shape for c in contexts}) == 1:
