@@ -167,7 +167,14 @@ def _ade_root(tmp_path: Path, bad: dict[str, str]) -> Path:
     return root
 
 
-ADE_RUN = ["data.dataset=ade20k", "data.crop_size=64", "data.num_workers=2", "train.max_steps=2"]
+ADE_RUN = [
+    "data.dataset=ade20k",
+    "data.augment=true",
+    "data.cache_latents=false",
+    "data.crop_size=64",
+    "data.num_workers=2",
+    "train.max_steps=2",
+]
 
 
 @pytest.mark.parametrize("kind", ["value", "size", "rgb", "truncated"])
