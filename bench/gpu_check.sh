@@ -3,7 +3,8 @@
 # our defaults (bf16 autocast, our attention) with VPD's configuration (fp32, classic attention) at batch 16, then
 # bf16 inference and training throughput, peak memory, and the projected ADE20K 80k-iteration run time. Finishes
 # well within 8 minutes on one H100. Writes OUT_DIR/gpu_check.json, OUT_DIR/gpu_check.md and
-# OUT_DIR/gpu_check.log.
+# OUT_DIR/gpu_check.log; then the peak training memory of iedp at 512x512, batch 2, bf16, with each memory-saving
+# option (bench/memory.py: the 16 GB goal of issue 15) into OUT_DIR/gpu_memory.{json,md,log}.
 #
 # usage: bash bench/gpu_check.sh OUT_DIR [bench.gpu_check options, e.g. --skip-defaults]
 #   IEDP_BENCH_TINY=1  the tiny preset at 64x64 instead (a dry run that finishes in under a minute on a CPU)
@@ -31,5 +32,13 @@ cd "$root"
 python3 -c 'import sys, torch, diffusers, transformers, huggingface_hub as hub
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
       f"transformers {transformers.__version__}, huggingface_hub {hub.__version__}")'
-# 7 minutes at most for the measurements; the script itself stops starting new ones after --budget-s.
-timeout 420 python3 -m bench.gpu_check "$out" $tiny_flag "${@:2}" 2>&1 | tee "$out/gpu_check.log"
+# 6 minutes at most for the measurements; the script itself stops starting new ones after --budget-s.
+timeout 360 python3 -m bench.gpu_check "$out" --budget-s 300 $tiny_flag "${@:2}" 2>&1 | tee "$out/gpu_check.log"
+
+memory_flags="--device cuda --size 512 --batch-size 2 --mixed-precision bf16 --methods iedp"
+if [[ "${IEDP_BENCH_TINY:-0}" == 1 ]]; then
+    memory_flags="--device cpu --tiny --size 64 --batch-size 2 --methods iedp"
+fi
+# each variant in a fresh process (a few seconds to build the real-size parts); 2 minutes at most
+timeout 120 python3 -m bench.memory $memory_flags --json "$out/gpu_memory.json" --table "$out/gpu_memory.md" \
+    2>&1 | tee "$out/gpu_memory.log"
