@@ -187,7 +187,12 @@ def report(runs: list[dict], args: argparse.Namespace) -> str:
 def run_all(args: argparse.Namespace) -> list[dict]:
     """Every (seed, task, variant), seed by seed so that a run cut short still holds complete pairs; the JSON is
     rewritten after each run."""
+    from iedp.config import load_config
+    from iedp.engine.latents import prepare_latents
+
     jobs = [(t, v, s) for s in args.seeds for t in args.tasks for v in args.variants]
+    for task in args.tasks:  # encoded once here, not by every run at once (the recipes cache their latents)
+        prepare_latents(load_config(f"demo_{task}", [f"model.weights={args.weights}", *args.set]))
     runs = []
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with (

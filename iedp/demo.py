@@ -29,13 +29,12 @@ import torch
 from iedp.config import Config, load_config
 from iedp.engine.data import build_dataset
 from iedp.engine.inference import predict_sample
-from iedp.engine.latents import cached_latents
+from iedp.engine.latents import prepare_latents
 from iedp.engine.train import train
 from iedp.errors import Interrupted
 from iedp.metrics.depth import DepthMetric
 from iedp.metrics.segmentation import SegmentationMetric
 from iedp.model_files import load_model
-from iedp.models.build import build_model
 from iedp.models.iedp import IEDPModel
 from iedp.visualize import colorize_depth, colorize_labels, heatmap, palette, panel, vstack
 from iedp.weights import resolve_weights
@@ -280,9 +279,7 @@ def run_demo(out: str | Path = "demo_out", steps: int | None = None, weights: st
     # Build (or find in the cache) the weights first, so pre-training is not counted as a method's training time.
     config = demo_config("seg", "iedp", out, weights, steps)
     resolve_weights(config.model.weights, config.model.sd, config.model.clip)
-    if config.data.cache_latents:
-        # once, with every core, before the runs: all four train on these scenes' images
-        cached_latents(build_model(config.model).backbone, build_dataset(config, "train"))
+    prepare_latents(config)  # all four runs train on these scenes' images
     prepare_minutes = (time.perf_counter() - start) / 60
     workers = demo_workers()
     results_by_run = _run_all(out, weights, steps, workers)

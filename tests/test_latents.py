@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from iedp.data.synthetic import SyntheticScenes
 from iedp.engine import latents as latents_module
 from iedp.engine.data import collate
-from iedp.engine.latents import WithLatents, cached_latents, latents_folder
+from iedp.engine.latents import WithLatents, cached_latents, latents_folder, prepare_latents
 from iedp.engine.train import train
 from iedp.errors import InputError
 from iedp.models.build import build_model
@@ -86,3 +87,13 @@ def test_augmented_images_have_no_fixed_latents(tmp_path):
     augmented = SyntheticScenes("seg", "train", size=2, resolution=64, augment=True)
     with pytest.raises(ValueError, match="un-augmented"):
         latents_folder(build_model(config(tmp_path).model).backbone, augmented, tmp_path)
+
+
+def test_prepare_latents_encodes_only_for_recipes_that_cache_them(tmp_path):
+    prepare_latents(config(tmp_path, "data.augment=false", f"model.cache_dir={tmp_path}"))
+    assert not (tmp_path / "latents").exists()
+    prepare_latents(
+        config(tmp_path, "data.augment=false", "data.cache_latents=true", f"model.cache_dir={tmp_path}")
+    )
+    (entry,) = (tmp_path / "latents").iterdir()
+    assert load_file(entry / "latents.safetensors")["latents"].shape == (16, 4, 8, 8)

@@ -20,9 +20,12 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from iedp.cache import build_cached, cache_root
+from iedp.config import Config
 from iedp.data.synthetic import SyntheticScenes
 from iedp.data.synthetic.scenes import RENDERER_VERSION
+from iedp.engine.data import build_dataset
 from iedp.models.backbone import DiffusionBackbone
+from iedp.models.build import build_model
 
 logger = logging.getLogger(__name__)
 
@@ -106,3 +109,11 @@ def cached_latents(
 
     build_cached(folder, build, "training latents")
     return load_file(folder / "latents.safetensors")["latents"]
+
+
+def prepare_latents(config: Config) -> None:
+    """Encode the training latents of ``config`` now, in this process with all its threads, if it caches them: for
+    commands that start several runs on the same scenes (demo, ablation), which would otherwise each encode them."""
+    if config.data.cache_latents:
+        root = Path(config.model.cache_dir) if config.model.cache_dir else None
+        cached_latents(build_model(config.model).backbone, build_dataset(config, "train"), root)
