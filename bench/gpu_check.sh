@@ -4,7 +4,8 @@
 # bf16 inference and training throughput, peak memory, and the projected ADE20K 80k-iteration run time. Finishes
 # well within 8 minutes on one H100. Writes OUT_DIR/gpu_check.json, OUT_DIR/gpu_check.md and
 # OUT_DIR/gpu_check.log; then the peak training memory of iedp at 512x512, batch 2, bf16, with each memory-saving
-# option (bench/memory.py: the 16 GB goal of issue 15) into OUT_DIR/gpu_memory.{json,md,log}.
+# option (bench/memory.py: the 16 GB goal of issue 15) into OUT_DIR/gpu_memory.{json,md,log}; then how inference
+# time grows with input side and batch (bench/growth.py) into OUT_DIR/growth_cuda.{json,md,png}.
 #
 # usage: bash bench/gpu_check.sh OUT_DIR [bench.gpu_check options, e.g. --skip-defaults]
 #   IEDP_BENCH_TINY=1  the tiny preset at 64x64 instead (a dry run that finishes in under a minute on a CPU)
@@ -32,13 +33,25 @@ cd "$root"
 python3 -c 'import sys, torch, diffusers, transformers, huggingface_hub as hub
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
       f"transformers {transformers.__version__}, huggingface_hub {hub.__version__}")'
-# 6 minutes at most for the measurements; the script itself stops starting new ones after --budget-s.
-timeout 360 python3 -m bench.gpu_check "$out" --budget-s 300 $tiny_flag "${@:2}" 2>&1 | tee "$out/gpu_check.log"
+# 5.5 minutes at most for the measurements; the script itself stops starting new ones after --budget-s.
+# A step that fails or runs out of time is said so, and the next still runs.
+timeout 330 python3 -m bench.gpu_check "$out" --budget-s 270 $tiny_flag "${@:2}" 2>&1 | tee "$out/gpu_check.log" \
+    || echo "gpu_check.sh: bench.gpu_check failed or timed out (exit ${PIPESTATUS[0]})"
 
-memory_flags="--device cuda --size 512 --batch-size 2 --mixed-precision bf16 --methods iedp"
+# frozen-bf16 is the bf16 baseline itself, so it is left out
+memory_flags="--device cuda --size 512 --batch-size 2 --mixed-precision bf16 --methods iedp --repeats 1"
+memory_flags+=" --variants baseline,checkpointing,adamw8bit,all"
 if [[ "${IEDP_BENCH_TINY:-0}" == 1 ]]; then
-    memory_flags="--device cpu --tiny --size 64 --batch-size 2 --methods iedp"
+    memory_flags="--device cpu --tiny --size 64 --batch-size 2 --methods iedp --repeats 1 --variants baseline,all"
 fi
 # each variant in a fresh process (a few seconds to build the real-size parts); 2 minutes at most
 timeout 120 python3 -m bench.memory $memory_flags --json "$out/gpu_memory.json" --table "$out/gpu_memory.md" \
-    2>&1 | tee "$out/gpu_memory.log"
+    2>&1 | tee "$out/gpu_memory.log" || echo "gpu_check.sh: bench.memory failed or timed out (exit ${PIPESTATUS[0]})"
+
+growth_flags="--device cuda --sides 256 512 768 1024 --batches 1 2 4 8 16 32 --repeats 3"
+if [[ "${IEDP_BENCH_TINY:-0}" == 1 ]]; then
+    growth_flags="--tiny --sides 64 128 --batches 1 2 --repeats 1"
+fi
+# inference time against input side and batch (bench/growth.py), cheapest first, for 80 s at most
+timeout 110 python3 -m bench.growth $growth_flags --budget-s 80 --out "$out" 2>&1 | tee "$out/growth.log" \
+    || echo "gpu_check.sh: bench.growth failed or timed out (exit ${PIPESTATUS[0]})"
