@@ -97,7 +97,10 @@ def markdown_table(summary: dict) -> str:
             elif "error" in r:
                 row.append(r["error"].split(":")[0])
             else:
-                row.append(f"{r['median_s']:.3g} s ({r['ms_per_image']:.3g})")
+                ms = r["ms_per_image"]
+                row.append(
+                    f"{r['median_s']:.3g} s ({ms:.0f})" if ms >= 100 else f"{r['median_s']:.3g} s ({ms:.3g})"
+                )
         lines.append(f"| {side} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
