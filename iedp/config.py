@@ -171,11 +171,6 @@ class Config:
         for key in ("implicit_queries", "implicit_layers", "implicit_heads"):
             if getattr(self.model, key) < 1:
                 raise InputError(f"model.{key}: {getattr(self.model, key)} must be at least 1")
-        if self.data.cache_latents and (self.data.augment or self.data.dataset != "synthetic"):
-            raise InputError(
-                "data.cache_latents: needs data.dataset=synthetic and data.augment=false (only un-augmented "
-                "images have fixed latents)"
-            )
         if self.data.pad_multiple % 64:
             raise InputError(
                 f"data.pad_multiple: {self.data.pad_multiple} is not a multiple of 64 (the UNet needs 1/64 maps)"

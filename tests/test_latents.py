@@ -82,8 +82,9 @@ def test_latents_are_encoded_once_and_keyed_by_vae_and_images(tmp_path, monkeypa
 
 
 def test_augmented_images_have_no_fixed_latents(tmp_path):
+    # a training option: checked when training starts, so a demo checkpoint still evaluates on other data
     with pytest.raises(InputError, match=r"^data.cache_latents: needs .*augment=false"):
-        config(tmp_path, "data.cache_latents=true")
+        train(config(tmp_path, "data.cache_latents=true"))
     augmented = SyntheticScenes("seg", "train", size=2, resolution=64, augment=True)
     with pytest.raises(ValueError, match="un-augmented"):
         latents_folder(build_model(config(tmp_path).model).backbone, augmented, tmp_path)

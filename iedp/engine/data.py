@@ -37,7 +37,7 @@ def build_dataset(config: Config, split: str, augment: bool | None = None) -> Da
     data, model = config.data, config.model
     train = split == "train"
     augment = train and data.augment if augment is None else augment
-    if not data.augment and data.dataset != "synthetic":
+    if train and not data.augment and data.dataset != "synthetic":
         raise InputError(
             "data.augment=false is for synthetic scenes only (real training images need their crops)"
         )

@@ -143,6 +143,11 @@ def _set_up(config: Config) -> _Run:
     """Accelerator, model (frozen parts in the mixed-precision dtype), optimizer, data, checkpoints, all prepared."""
     tc = config.train
     optimizer_class(tc.optimizer)  # a missing optional library stops the run before the model loads
+    if config.data.cache_latents and (config.data.augment or config.data.dataset != "synthetic"):
+        raise InputError(
+            "data.cache_latents: needs data.dataset=synthetic and data.augment=false (only un-augmented "
+            "images have fixed latents)"
+        )
     out = Path(tc.out)
     accelerator = Accelerator(
         gradient_accumulation_steps=tc.grad_accum,
