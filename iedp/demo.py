@@ -212,9 +212,9 @@ def demo_workers() -> int:
 
 
 def _expected_cost(run: tuple[str, str], steps: int) -> float:
-    """Relative CPU time of a demo run of ``steps`` steps: seconds per step on one core, measured on the tiny world
-    with cached latents (2026-11-28)."""
-    per_step = {("depth", "iedp"): 1.95, ("depth", "vpd"): 0.85, ("seg", "iedp"): 0.77, ("seg", "vpd"): 0.53}
+    """Relative CPU time of a demo run of ``steps`` steps: seconds per step on one core, evaluation included, from
+    the demo's report of 2026-11-28 (the tiny world, cached latents, two runs side by side)."""
+    per_step = {("depth", "iedp"): 1.8, ("depth", "vpd"): 0.86, ("seg", "iedp"): 1.0, ("seg", "vpd"): 0.59}
     return per_step.get(run, 1.0) * steps
 
 

@@ -54,7 +54,7 @@ class WithLatents(Dataset):
 
 
 def vae_fingerprint(backbone: DiffusionBackbone) -> str:
-    """A digest of the VAE's weights, dtype and input layout: latents from another VAE are never reused."""
+    """A digest of the VAE's weights, their dtypes and the latent scale: latents from another VAE are never reused."""
     digest = hashlib.sha256()
     for name, tensor in backbone.vae.state_dict().items():
         digest.update(name.encode())
