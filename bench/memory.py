@@ -55,14 +55,6 @@ GIB = 2**30
 
 
 # -- worker (runs in a fresh process) -----------------------------------------------------------------------------
-def _proc_status_bytes(field_name: str) -> int:
-    """``VmRSS``/``VmHWM`` of this process from ``/proc/self/status``, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field_name}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field_name} not found in /proc/self/status")
-
-
 def _build(method: str, variant: str, tiny: bool, device, seed: int, mixed_precision: str):
     """The ADE20K segmentation model of ``method`` (150 classes, random class tokens), its optimizer and the
     variant's settings applied."""
@@ -107,12 +99,13 @@ def run_worker(args: argparse.Namespace) -> dict:
     import torch
 
     from bench.speed import make_batch
+    from bench.timing import proc_status_bytes
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if not cuda:  # on a shared machine, this worker is the one the kernel ends if memory runs out
         Path("/proc/self/oom_score_adj").write_text("1000")
-    imports = _proc_status_bytes("VmRSS")
+    imports = proc_status_bytes("VmRSS")
     model, optimizer = _build(args.method, args.variant, args.tiny, device, args.seed, args.mixed_precision)
     batch = make_batch(args.batch_size, args.size, model.num_classes, device, args.seed)
     gc.collect()
@@ -121,7 +114,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _proc_status_bytes("VmRSS")
+        base = proc_status_bytes("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     with torch.autocast(device.type, torch.bfloat16, enabled=args.mixed_precision == "bf16"):
         loss = model(batch)["loss"]
@@ -132,7 +125,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         peak, floor = torch.cuda.max_memory_allocated(), 0
     else:
-        peak, floor = _proc_status_bytes("VmHWM"), imports
+        peak, floor = proc_status_bytes("VmHWM"), imports
     return {
         "method": args.method,
         "variant": args.variant,

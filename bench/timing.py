@@ -65,7 +65,7 @@ def time_calls(
     return times, result
 
 
-def _proc_status_bytes(field_name: str) -> int:
+def proc_status_bytes(field_name: str) -> int:
     """A ``kB`` field of ``/proc/self/status`` (VmRSS, VmHWM) in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{field_name}:"):
@@ -90,12 +90,12 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated(self.device)
         else:
             Path("/proc/self/clear_refs").write_text("5")
-            self.base = _proc_status_bytes("VmRSS")
+            self.base = proc_status_bytes("VmRSS")
 
     def peak(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        return _proc_status_bytes("VmHWM")
+        return proc_status_bytes("VmHWM")
 
     def report(self) -> dict:
         peak = self.peak()
