@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from iedp.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_SCENES, SyntheticScenes, render_scene
+from iedp.data.synthetic.raycast import Material, albedo
 from iedp.resources import read_names
 
 
@@ -56,6 +57,45 @@ def test_scene_types_decide_the_objects(scenes):
     assert "toilet" not in mixes["living_room"] | mixes["office"]
     assert len({frozenset(mix) for mix in mixes.values()}) == len(SYNTHETIC_SCENES)
     assert len(set().union(*visible.values())) >= 13  # most classes actually show up in the pixels
+
+
+def test_scene_types_decide_the_room_finish(scenes):
+    """Walls and floors look like their scene type (tiled bathrooms, wooden floors...): a nearest-centroid
+    classifier on their mean and spread of colour names the scene type of held-out renders (0.82 measured;
+    0.20 with renderer v1's finishes, chance 0.17)."""
+
+    def room_colours(sample):
+        surfaces = [
+            sample.rgb[sample.label == SYNTHETIC_CLASSES.index(name)] / 255 for name in ("wall", "floor")
+        ]
+        return np.concatenate([np.r_[p.mean(0), p.std(0)] if len(p) else np.zeros(6) for p in surfaces])
+
+    features = np.stack([room_colours(sample) for sample in scenes])
+    types = np.array([SYNTHETIC_SCENES.index(sample.scene) for sample in scenes])
+    fit, held = slice(0, 100), slice(100, None)
+    centroids = np.stack([features[fit][types[fit] == k].mean(0) for k in range(len(SYNTHETIC_SCENES))])
+    scale = features[fit].std(0) + 1e-6
+    nearest = (((features[held][:, None] - centroids[None]) / scale) ** 2).sum(-1).argmin(1)
+    assert (nearest == types[held]).mean() >= 0.6
+
+
+def test_patterns_finer_than_a_pixel_fade_to_their_mean():
+    stripes = Material(
+        colour=np.array([1.0, 0.0, 0.0]),
+        colour2=np.array([0.0, 0.0, 1.0]),
+        texture="stripes",
+        axis=np.array([1.0, 0.0, 0.0]),
+        frequency=10.0,  # cycles per metre
+        lattice=np.zeros((2, 2, 2)),
+    )
+    points = np.stack([np.linspace(0, 1, 400), np.zeros(400), np.zeros(400)], axis=1)
+    sharp = albedo(stripes, points, footprint=np.full(400, 0.01))  # 0.1 cycle per pixel: kept
+    assert set(np.unique(sharp[:, 0])) == {0.0, 1.0}
+    blurred = albedo(stripes, points, footprint=np.full(400, 0.06))  # 0.6 cycle per pixel: past Nyquist
+    np.testing.assert_allclose(blurred, np.tile([0.5, 0.0, 0.5], (400, 1)))
+    halfway = albedo(stripes, points, footprint=np.full(400, 0.0375))  # 0.375: half the contrast
+    np.testing.assert_allclose(np.unique(halfway[:, 0]), [0.25, 0.75])
+    np.testing.assert_array_equal(albedo(stripes, points), sharp)  # no footprint: the pattern as it is
 
 
 def test_seg_dataset_samples():

@@ -78,16 +78,35 @@ def value_noise(points: np.ndarray, lattice: np.ndarray, frequency: float) -> np
     return noise
 
 
-def albedo(material: Material, points: np.ndarray) -> np.ndarray:
-    """(N, 3) surface colour of ``material`` at (N, 3) world points."""
+def texture_fade(cycles_per_pixel: np.ndarray) -> np.ndarray:
+    """How much of a pattern's contrast survives at a pixel: 1 up to a quarter cycle per pixel, 0 from half.
+
+    A pattern finer than half a cycle per pixel (the Nyquist limit) would alias into moiré; fading it to
+    its mean colour is what a filtered camera sees, and it keeps the images smooth enough for a VAE.
+    """
+    return np.clip((0.5 - cycles_per_pixel) / 0.25, 0.0, 1.0)
+
+
+def albedo(material: Material, points: np.ndarray, footprint: np.ndarray | None = None) -> np.ndarray:
+    """(N, 3) surface colour of ``material`` at (N, 3) world points.
+
+    ``footprint`` (N,) is the length in metres that a pixel covers on the surface there; with it, patterns
+    finer than the pixels fade to their mean colour (:func:`texture_fade`).
+    """
     if material.texture == "plain":
         mix = np.zeros(len(points))
+        cycles_per_metre = 0.0
     elif material.texture == "stripes":
         mix = (np.sin(2 * np.pi * material.frequency * (points @ material.axis)) > 0).astype(np.float64)
+        cycles_per_metre = material.frequency
     elif material.texture == "checker":
         mix = np.floor(points * material.frequency).sum(axis=1) % 2
+        cycles_per_metre = material.frequency / 2  # two cells per cycle
     else:
         mix = value_noise(points, material.lattice, material.frequency)
+        cycles_per_metre = material.frequency / 2
+    if footprint is not None and cycles_per_metre > 0:
+        mix = 0.5 + (mix - 0.5) * texture_fade(cycles_per_metre * footprint)
     return material.colour * (1.0 - mix[:, None]) + material.colour2 * mix[:, None]
 
 

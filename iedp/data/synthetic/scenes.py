@@ -12,9 +12,13 @@ What makes the task learnable rather than a colour lookup:
   class) and gets a random procedural texture (stripes, checker, value noise), so the class has
   to be read from shape, size and position (beds against walls, lamps tall and thin, pictures
   hung on walls...);
+- a room's walls and floor usually have its scene type's finish (tiled bathrooms, wooden living-room
+  floors, carpeted bedrooms...), otherwise any, so the room says something about the scene without
+  giving it away;
 - Lambertian shading from a random point light plus ambient light.
 
-Not modelled: shadows, reflections, anti-aliasing (labels and depth stay exact per pixel).
+Patterns finer than the pixels fade to their mean colour, as through a camera's filter, so images carry
+no moiré. Not modelled: shadows, reflections, anti-aliased edges (labels and depth stay exact per pixel).
 Depths stay within 0.5..10 m: rooms are at most 6 × 7 × 3.1 m, objects keep 0.9 m ahead of the
 camera and the field of view is at most 70°.
 """
@@ -36,7 +40,7 @@ from iedp.data.synthetic.raycast import (
     surface_normals,
 )
 
-RENDERER_VERSION = "1"
+RENDERER_VERSION = "2"
 """Bumped whenever the same seed renders a different scene."""
 
 # fmt: off
@@ -134,6 +138,59 @@ def _material(
         texture=texture or str(rng.choice(TEXTURES, p=_TEXTURE_PROBS)),
         axis=axis / np.linalg.norm(axis),
         frequency=float(rng.uniform(*frequency)),
+        lattice=rng.random((8, 8, 8)),
+    )
+
+
+@dataclass(frozen=True)
+class _Finish:
+    """A scene type's typical wall or floor: hue range (degrees), saturation, value, texture and its frequency."""
+
+    hue: tuple[float, float]
+    saturation: tuple[float, float]
+    value: tuple[float, float]
+    texture: str
+    frequency: tuple[float, float] = (2.0, 12.0)
+    contrast: tuple[float, float] = (0.55, 0.85)  # the pattern's second colour is the first times this
+
+
+# fmt: off
+# scene -> surface -> finish: tiled bathrooms, wooden living-room floors, carpeted bedrooms... as real rooms are
+_FINISHES: dict[str, dict[str, _Finish]] = {
+    "bedroom": {"wall": _Finish((260, 340), (0.12, 0.35), (0.7, 0.92), "plain"),
+                "floor": _Finish((10, 40), (0.2, 0.45), (0.45, 0.75), "noise", (6.0, 12.0), (0.8, 0.92))},
+    "kitchen": {"wall": _Finish((60, 110), (0.12, 0.35), (0.75, 0.95), "plain"),
+                "floor": _Finish((0, 360), (0.0, 0.08), (0.75, 0.95), "checker", (2.5, 4.0), (0.15, 0.35))},
+    "living_room": {"wall": _Finish((35, 55), (0.12, 0.3), (0.75, 0.95), "plain"),
+                    "floor": _Finish((22, 36), (0.5, 0.75), (0.35, 0.6), "stripes", (4.0, 7.0), (0.6, 0.8))},
+    "bathroom": {"wall": _Finish((180, 205), (0.05, 0.35), (0.8, 1.0), "checker", (5.0, 7.0), (0.8, 0.9)),
+                 "floor": _Finish((190, 220), (0.05, 0.3), (0.5, 0.8), "checker", (7.0, 10.0), (0.7, 0.85))},
+    "office": {"wall": _Finish((0, 360), (0.0, 0.06), (0.72, 0.92), "plain"),
+               "floor": _Finish((200, 230), (0.08, 0.3), (0.28, 0.5), "checker", (1.8, 2.5), (0.8, 0.9))},
+    "dining_room": {"wall": _Finish((340, 380), (0.35, 0.6), (0.45, 0.7), "stripes", (3.0, 6.0), (0.7, 0.85)),
+                    "floor": _Finish((12, 24), (0.55, 0.75), (0.3, 0.5), "stripes", (4.0, 7.0), (0.6, 0.8))},
+}
+# fmt: on
+_TYPICAL_FINISH = 0.8  # share of rooms whose walls (and, drawn apart, floor) have their scene's finish
+
+
+def _room_material(rng: np.random.Generator, scene: str, surface: str) -> Material:
+    """A wall, floor or ceiling: usually the scene type's typical finish, otherwise any (:func:`_material`)."""
+    finish = _FINISHES[scene].get(surface)
+    if finish is None or rng.random() >= _TYPICAL_FINISH:
+        return _material(rng, surface)
+    hue = rng.uniform(*finish.hue) % 360
+    colour = np.array(
+        colorsys.hsv_to_rgb(hue / 360, rng.uniform(*finish.saturation), rng.uniform(*finish.value))
+    )
+    # stripes run along the floor boards and up the wallpaper: across x on the far wall, across z on the others
+    axis = np.array([1.0, 0.0, 1.0]) / np.sqrt(2.0) if surface == "wall" else np.eye(3)[2 * rng.integers(2)]
+    return Material(
+        colour=colour,
+        colour2=colour * rng.uniform(*finish.contrast),
+        texture=finish.texture,
+        axis=axis,
+        frequency=float(rng.uniform(*finish.frequency)),
         lattice=rng.random((8, 8, 8)),
     )
 
@@ -312,7 +369,7 @@ def render_scene(seed: int, height: int, width: int) -> SceneSample:
     layout = _room(rng, scene)
     camera = _camera(rng, layout, height, width)
     half_width = width / 2 / camera.focal
-    room_materials = [_material(rng, SYNTHETIC_CLASSES[class_id]) for class_id in _FACE_CLASS]
+    room_materials = [_room_material(rng, scene, SYNTHETIC_CLASSES[class_id]) for class_id in _FACE_CLASS]
     room_materials[1] = room_materials[4] = room_materials[5] = room_materials[0]  # one wall finish per room
 
     primitives: list[Primitive] = []
@@ -337,13 +394,19 @@ def render_scene(seed: int, height: int, width: int) -> SceneSample:
     colour, normals = np.empty_like(points), np.empty_like(points)
     order = np.argsort(surface, kind="stable")  # pixels grouped by the surface they see
     keys, starts = np.unique(surface[order], return_index=True)
+    # metres of surface per pixel: distance / focal, stretched where the surface is seen at a grazing angle
+    distance_to_camera = np.linalg.norm(points - camera.origin, axis=-1)
+    rays = (points - camera.origin) / distance_to_camera[:, None]
     for key, pixels in zip(keys, np.split(order, starts[1:]), strict=True):
         if key < 0:  # a room face
-            colour[pixels] = albedo(room_materials[key + 6], points[pixels])
+            material = room_materials[key + 6]
             normals[pixels] = ROOM_FACE_NORMALS[key + 6]
         else:
-            colour[pixels] = albedo(primitives[key].material, points[pixels])
+            material = primitives[key].material
             normals[pixels] = surface_normals(primitives[key], points[pixels])
+        facing = np.abs((normals[pixels] * rays[pixels]).sum(axis=-1))
+        footprint = distance_to_camera[pixels] / camera.focal / np.maximum(facing, 0.25)
+        colour[pixels] = albedo(material, points[pixels], footprint)
 
     to_light = light - points
     distance = np.linalg.norm(to_light, axis=-1)
