@@ -88,9 +88,7 @@ class DataConfig:
     seed: int = 0  # synthetic scenes and augmentation streams
     num_workers: int = 2
     augment: bool = True  # training augmentation; false (synthetic scenes only) uses samples as rendered
-    cache_latents: bool = (
-        False  # with augment false: encode the training images once with the frozen VAE, reuse
-    )
+    cache_latents: bool = False  # with augment false: render the training scenes and encode them with the frozen VAE once, reuse
     cutdepth: bool = (
         False  # depth training: CutDepth on one sample in four, as VPD (the NYUv2 recipes turn it on)
     )

@@ -1,13 +1,15 @@
 """Training latents encoded once (data.cache_latents): the same training as encoding each batch, cached by key."""
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from iedp.data.synthetic import SyntheticScenes
+from iedp.data.synthetic import dataset as dataset_module
 from iedp.engine import latents as latents_module
 from iedp.engine.data import collate
-from iedp.engine.latents import WithLatents, cached_latents, latents_folder, prepare_latents
+from iedp.engine.latents import WithLatents, cached_latents, cached_scenes, latents_folder, prepare_latents
 from iedp.engine.train import train
 from iedp.errors import InputError
 from iedp.models.build import build_model
@@ -53,6 +55,32 @@ def test_training_with_cached_latents_writes_them_once(tmp_path):
     assert (entry / "latents.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_training_scenes_are_rendered_once_and_read_back_as_rendered(tmp_path, monkeypatch):
+    seg = SyntheticScenes("seg", "train", size=5, resolution=(48, 64), seed=2)
+    saved = cached_scenes(seg, tmp_path)
+    for index in (0, 4):
+        fresh = seg.render(index)
+        again = saved[index]
+        for name in ("rgb", "label", "depth"):
+            np.testing.assert_array_equal(getattr(again, name), getattr(fresh, name))
+            assert getattr(again, name).dtype == getattr(fresh, name).dtype
+        assert (again.scene, again.objects) == (fresh.scene, fresh.objects)
+    depth = SyntheticScenes("depth", "train", size=5, resolution=(48, 64), seed=2)
+    depth.use_rendered(cached_scenes(depth, tmp_path))  # the same scenes: the same entry, read back
+    assert len(list((tmp_path / "scenes").iterdir())) == 1
+    monkeypatch.setattr(dataset_module, "render_scene", lambda *args: pytest.fail("rendered again"))
+    sample = depth[3]
+    monkeypatch.undo()
+    expected = SyntheticScenes("depth", "train", size=5, resolution=(48, 64), seed=2)[3]
+    torch.testing.assert_close(sample["image"], expected["image"], rtol=0, atol=0)
+    torch.testing.assert_close(sample["depth"], expected["depth"], rtol=0, atol=0)
+    assert sample["scene"] == expected["scene"]
+    with pytest.raises(IndexError, match="out of range"):
+        saved[5]
+    with pytest.raises(ValueError, match="5 rendered scenes for a split of 4"):
+        SyntheticScenes("seg", "train", size=4, resolution=(48, 64), seed=2).use_rendered(saved)
+
+
 def test_latents_are_encoded_once_and_keyed_by_vae_and_images(tmp_path, monkeypatch):
     backbone = build_model(config(tmp_path, "data.augment=false").model).backbone
     seg = SyntheticScenes("seg", "train", size=4, resolution=64, seed=3)
@@ -92,9 +120,11 @@ def test_augmented_images_have_no_fixed_latents(tmp_path):
 
 def test_prepare_latents_encodes_only_for_recipes_that_cache_them(tmp_path):
     prepare_latents(config(tmp_path, "data.augment=false", f"model.cache_dir={tmp_path}"))
-    assert not (tmp_path / "latents").exists()
+    assert not (tmp_path / "latents").exists() and not (tmp_path / "scenes").exists()
     prepare_latents(
         config(tmp_path, "data.augment=false", "data.cache_latents=true", f"model.cache_dir={tmp_path}")
     )
     (entry,) = (tmp_path / "latents").iterdir()
     assert load_file(entry / "latents.safetensors")["latents"].shape == (16, 4, 8, 8)
+    (scenes,) = (tmp_path / "scenes").iterdir()
+    assert np.load(scenes / "rgb.npy", mmap_mode="r").shape == (16, 64, 64, 3)

@@ -5,7 +5,7 @@ frozen VAE encoder costs a third of a demo training step on a CPU (0.37 of 1.03 
 2026-11-28). So the latents of a whole training split are encoded once, saved under the cache keyed by the VAE's
 weights and the images' identity, and handed to the model in each batch (``batch["latents"]``), where
 :meth:`~iedp.models.iedp.IEDPModel.run_branches` uses them instead of encoding. The demo's four runs share one
-encoding.
+encoding, and the scenes as rendered (rendering is a fifth of a segmentation step): each is prepared once.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from iedp.cache import build_cached, cache_root
 from iedp.config import Config
 from iedp.data.synthetic import SyntheticScenes
 from iedp.data.synthetic.scenes import RENDERER_VERSION
+from iedp.data.synthetic.store import RenderedScenes
 from iedp.engine.data import build_dataset
 from iedp.models.backbone import DiffusionBackbone
 from iedp.models.build import build_model
@@ -111,9 +112,32 @@ def cached_latents(
     return load_file(folder / "latents.safetensors")["latents"]
 
 
+def cached_scenes(dataset: SyntheticScenes, root: Path | None = None) -> RenderedScenes:
+    """``dataset``'s scenes as rendered: read from the cache, or rendered now and cached (atomically)."""
+    key = json.dumps(images_identity(dataset), sort_keys=True)
+    folder = (root or cache_root()) / "scenes" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def build(staging: Path) -> None:
+        logger.info("rendering %d training scenes once (data.cache_latents)", len(dataset))
+        RenderedScenes.save(staging, [dataset.render(index) for index in range(len(dataset))])
+
+    build_cached(folder, build, "rendered training scenes")
+    return RenderedScenes(folder)
+
+
+def with_cached_latents(
+    backbone: DiffusionBackbone, dataset: SyntheticScenes, root: Path | None = None
+) -> WithLatents:
+    """``dataset`` reading its scenes from the cache (:func:`cached_scenes`) and carrying their latents
+    (:func:`cached_latents`): what ``data.cache_latents`` trains on."""
+    dataset.use_rendered(cached_scenes(dataset, root))
+    return WithLatents(dataset, cached_latents(backbone, dataset, root))
+
+
 def prepare_latents(config: Config) -> None:
-    """Encode the training latents of ``config`` now, in this process with all its threads, if it caches them: for
-    commands that start several runs on the same scenes (demo, ablation), which would otherwise each encode them."""
+    """Render and encode the training scenes of ``config`` now, in this process with all its threads, if it caches
+    them: for commands that start several runs on the same scenes (demo, ablation), which would otherwise each do it.
+    """
     if config.data.cache_latents:
         root = Path(config.model.cache_dir) if config.model.cache_dir else None
-        cached_latents(build_model(config.model).backbone, build_dataset(config, "train"), root)
+        with_cached_latents(build_model(config.model).backbone, build_dataset(config, "train"), root)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from iedp.config import Config
 from iedp.engine.data import build_dataset, make_loader
 from iedp.engine.evaluate import evaluate_model
-from iedp.engine.latents import WithLatents, cached_latents
+from iedp.engine.latents import with_cached_latents
 from iedp.engine.optim import build_optimizer, optimizer_class
 from iedp.engine.train_state import CheckpointManager
 from iedp.errors import InputError, Interrupted
@@ -169,7 +169,7 @@ def _set_up(config: Config) -> _Run:
         train_set = build_dataset(config, "train")
         if config.data.cache_latents:
             root = Path(config.model.cache_dir) if config.model.cache_dir else None
-            train_set = WithLatents(train_set, cached_latents(model.backbone, train_set, root))
+            train_set = with_cached_latents(model.backbone, train_set, root)
         val_set = build_dataset(config, "val") if tc.eval_every > 0 else None
     loader = make_loader(train_set, tc.batch_size, config.data.num_workers, shuffle=True, seed=tc.seed)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)

@@ -6,6 +6,7 @@ from torch.utils.data import Dataset
 
 from iedp.data.prompts import scene_prompt, seg_prompt
 from iedp.data.synthetic.scenes import SYNTHETIC_CLASSES, SYNTHETIC_SCENES, SceneSample, render_scene
+from iedp.data.synthetic.store import RenderedScenes
 from iedp.data.transforms import (
     CUTDEPTH_PROB,
     DepthTrainTransform,
@@ -64,7 +65,7 @@ class SyntheticScenes(Dataset):
         self.class_names = list(SYNTHETIC_CLASSES)
         self.scene_names = list(SYNTHETIC_SCENES)
         self.epoch = 0
-        self._cache: dict[int, SceneSample] | None = {} if cache else None
+        self._cache: dict[int, SceneSample] | RenderedScenes | None = {} if cache else None
         height, width = self.resolution
         self.seg_transform = SegTrainTransform(
             crop_size=(height, width), base_scale=(4 * max(height, width), min(height, width))
@@ -84,6 +85,12 @@ class SyntheticScenes(Dataset):
         """The :func:`render_scene` seed of sample ``index``."""
         return (2 * self.seed + _SPLITS.index(self.split)) * _SEEDS_PER_SPLIT + index
 
+    def use_rendered(self, scenes: RenderedScenes) -> None:
+        """Read scene ``i`` from ``scenes[i]`` (this split's scenes as saved) instead of rendering it."""
+        if len(scenes) != self.size:
+            raise ValueError(f"{len(scenes)} rendered scenes for a split of {self.size}")
+        self._cache = scenes
+
     def render(self, index: int) -> SceneSample:
         """The scene of sample ``index`` before augmentation (cached when enabled)."""
         if not 0 <= index < self.size:
@@ -91,7 +98,7 @@ class SyntheticScenes(Dataset):
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         sample = render_scene(self.scene_seed(index), *self.resolution)
-        if self._cache is not None:
+        if isinstance(self._cache, dict):
             self._cache[index] = sample
         return sample
 
