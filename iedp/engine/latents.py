@@ -119,7 +119,7 @@ def cached_scenes(dataset: SyntheticScenes, root: Path | None = None) -> Rendere
 
     def build(staging: Path) -> None:
         logger.info("rendering %d training scenes once (data.cache_latents)", len(dataset))
-        RenderedScenes.save(staging, [dataset.render(index) for index in range(len(dataset))])
+        RenderedScenes.save(staging, len(dataset), dataset.render)
 
     build_cached(folder, build, "rendered training scenes")
     return RenderedScenes(folder)

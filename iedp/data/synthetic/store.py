@@ -5,6 +5,7 @@ four, an ablation's dozens) do not each render them again: rendering is a fifth 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,24 @@ class RenderedScenes:
             raise ValueError(f"{folder}: the saved arrays and contents.json disagree on the number of scenes")
 
     @staticmethod
-    def save(folder: str | Path, scenes: list[SceneSample]) -> None:
-        """Write ``scenes`` (in index order) to ``folder``: one ``.npy`` per pixel array and ``contents.json``."""
+    def save(folder: str | Path, count: int, render: Callable[[int], SceneSample]) -> None:
+        """Write scenes ``render(0) .. render(count - 1)`` to ``folder``: one ``.npy`` per pixel array, filled
+        one scene at a time (the split is never all in memory), and ``contents.json``."""
         folder = Path(folder)
-        for name in _ARRAYS:
-            np.save(folder / f"{name}.npy", np.stack([getattr(scene, name) for scene in scenes]))
-        contents = [{"scene": scene.scene, "objects": scene.objects} for scene in scenes]
+        arrays: dict[str, np.ndarray] = {}
+        contents = []
+        for index in range(count):
+            scene = render(index)
+            for name in _ARRAYS:
+                value = getattr(scene, name)
+                if name not in arrays:
+                    arrays[name] = np.lib.format.open_memmap(
+                        folder / f"{name}.npy", mode="w+", dtype=value.dtype, shape=(count, *value.shape)
+                    )
+                arrays[name][index] = value
+            contents.append({"scene": scene.scene, "objects": scene.objects})
+        for array in arrays.values():
+            array.flush()
         (folder / "contents.json").write_text(json.dumps(contents), encoding="utf-8")
 
     def __len__(self) -> int:
