@@ -330,8 +330,8 @@ def run_demo(out: str | Path = "demo_out", steps: int | None = None, weights: st
         "uses the class tokens (segmentation) or the ground-truth scene token (depth).\n\n"
         f"Took {minutes:.1f} minutes on {platform.processor() or platform.machine()} "
         f"({workers} worker processes of one thread each, {os.cpu_count()} CPU cores), "
-        f"{time.strftime('%Y-%m-%d %H:%M')}, of which {prepare_minutes:.1f} preparing the weights and the training "
-        "latents (the shipped pre-trained tiny world loads in seconds).\n\n"
+        f"{time.strftime('%Y-%m-%d %H:%M')}, of which {prepare_minutes:.1f} preparing the weights and rendering and "
+        "encoding the training scenes (the shipped pre-trained tiny world loads in seconds).\n\n"
     )
     report = out / "report.md"
     report.write_text(header + "\n".join(sections))
