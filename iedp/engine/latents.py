@@ -78,10 +78,14 @@ def images_identity(dataset: SyntheticScenes) -> dict:
     }
 
 
+def _keyed_folder(kind: str, identity: dict, root: Path | None) -> Path:
+    """``root/kind/<digest of identity>``: one cache entry per identity."""
+    key = json.dumps(identity, sort_keys=True)
+    return (root or cache_root()) / kind / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def latents_folder(backbone: DiffusionBackbone, dataset: SyntheticScenes, root: Path | None = None) -> Path:
-    key = json.dumps({"vae": vae_fingerprint(backbone), **images_identity(dataset)}, sort_keys=True)
-    name = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return (root or cache_root()) / "latents" / name
+    return _keyed_folder("latents", {"vae": vae_fingerprint(backbone), **images_identity(dataset)}, root)
 
 
 @torch.no_grad()
@@ -114,8 +118,7 @@ def cached_latents(
 
 def cached_scenes(dataset: SyntheticScenes, root: Path | None = None) -> RenderedScenes:
     """``dataset``'s scenes as rendered: read from the cache, or rendered now and cached (atomically)."""
-    key = json.dumps(images_identity(dataset), sort_keys=True)
-    folder = (root or cache_root()) / "scenes" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder = _keyed_folder("scenes", images_identity(dataset), root)
 
     def build(staging: Path) -> None:
         logger.info("rendering %d training scenes once (data.cache_latents)", len(dataset))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iedp.data.synthetic.scenes import SYNTHETIC_SCENES, SceneSample
+from iedp.data.synthetic.scenes import SceneSample
 
 _ARRAYS = ("rgb", "label", "depth")
 
@@ -60,8 +60,6 @@ class RenderedScenes:
         if index not in self:
             raise IndexError(f"scene {index} out of range for {len(self)} saved scenes")
         content = self.contents[index]
-        if content["scene"] not in SYNTHETIC_SCENES:
-            raise ValueError(f"saved scene {index} has an unknown scene type {content['scene']!r}")
         return SceneSample(
             rgb=np.array(self.arrays["rgb"][index]),
             label=np.array(self.arrays["label"][index]),
