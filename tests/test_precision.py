@@ -277,3 +277,29 @@ def test_gpu_check_defaults_comparison(monkeypatch):
     assert goals["defaults_inference_speedup_batch16>=4"] == {"value": 3.0, "met": False}
     assert goals["defaults_inference_peak_memory_ratio_batch16<=0.5"] == {"value": 0.25, "met": True}
     assert gpu_check.defaults_comparison(records[:1]) is None
+
+
+def test_gpu_check_projects_the_recipe_per_gpu_batch(monkeypatch):
+    """The ADE20K projection: 80k steps at total batch 16, one layout per measured per-GPU batch, cheapest first."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    gpu_check = load_script("gpu_check")
+
+    def step(batch, seconds, checkpointing=False, variant="ours"):
+        return {
+            "stage": "train",
+            "variant": variant,
+            "batch_size": batch,
+            "gradient_checkpointing": checkpointing,
+            "median_s": seconds,
+            "memory": {"peak_bytes": 2**30 * batch},
+        }
+
+    records = [step(2, 0.25), step(8, 0.36), step(8, 0.45, True), step(2, 0.1, variant="baseline"), step(3, 0.1)]
+    projected = gpu_check.projection(records)
+    assert [(p["batch_per_gpu"], p["gpus"]) for p in projected["layouts"]] == [(8, 2), (8, 2), (2, 8)]
+    assert projected["gpu_hours"] == pytest.approx(80_000 * 0.36 * 2 / 3600)  # 16 GPU-hours
+    assert projected["layouts"][-1]["gpu_hours"] == pytest.approx(80_000 * 0.25 * 8 / 3600)  # 44.4
+    assert projected["wall_clock_hours"] == pytest.approx(8.0) and projected["peak_gib"] == 8
+    goals = gpu_check.goals(records, projected)
+    assert goals["ade20k_80k_gpu_hours<8"] == {"value": pytest.approx(16.0), "met": False}
+    assert gpu_check.projection([step(2, 0.1, variant="baseline")]) is None
