@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from iedp.config import Config, apply_overrides
+from iedp.config import Config
 from iedp.data.images import max_pixels, read_rgb
 from iedp.engine.inference import (
     class_attention,
@@ -188,8 +188,7 @@ class Pipeline:
         folder = Path(path_or_hub_id).expanduser()
         if not folder.exists():
             folder = download(str(path_or_hub_id), revision=revision, token=token)
-        model, config = load_model(folder)
-        config = apply_overrides(config, list(overrides))
+        model, config = load_model(folder, overrides=overrides)
         return cls(model, config, device=device, dtype=dtype, source=path_or_hub_id)
 
     def save_pretrained(self, out_dir: str | Path, metrics: dict | None = None) -> Path:

@@ -68,6 +68,7 @@ class ModelConfig:
     depth_head_channels: int = 192
     gradient_checkpointing: bool = False
     compile_vae: bool = False  # torch.compile the frozen VAE encoder (GPU; the first call compiles for ~20 s)
+    compile_unet: bool = False  # torch.compile the UNet with its read-out hooks, one graph (first call compiles)
     cache_dir: str | None = None  # where class-token banks are cached; default $IEDP_CACHE or ~/.cache/iedp
 
 
@@ -572,8 +573,9 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-# Model keys that may change on a trained checkpoint: where its frozen weights live (the text tower of `explicit`).
-CHECKPOINT_MODEL_KEYS = ("weights", "sd", "clip", "cache_dir")
+# Model keys that may change on a trained checkpoint: where its frozen weights live (the text tower of `explicit`)
+# and how it runs (compilation), not what it computes.
+CHECKPOINT_MODEL_KEYS = ("weights", "sd", "clip", "cache_dir", "compile_vae", "compile_unet")
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:

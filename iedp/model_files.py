@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from iedp.config import Config, config_from_dict
+from iedp.config import Config, apply_overrides, config_from_dict
 from iedp.errors import InputError
 from iedp.models.build import assemble_model, load_explicit
 from iedp.models.iedp import IEDPModel
@@ -153,12 +154,18 @@ def _check_meta(meta: dict, path: Path) -> None:
         raise InputError(f"{where}: 'class_names' must be a non-empty list of names")
 
 
-def load_model(path: str | Path, with_text: bool = False) -> tuple[IEDPModel, Config]:
-    """Rebuild the model from the checkpoint alone (the text tower from the config's weights if ``with_text``)."""
+def load_model(
+    path: str | Path, with_text: bool = False, overrides: Sequence[str] = ()
+) -> tuple[IEDPModel, Config]:
+    """Rebuild the model from the checkpoint alone (the text tower from the config's weights if ``with_text``).
+
+    ``overrides`` (``--set`` assignments, :func:`~iedp.config.apply_overrides`) apply before the model is built, so
+    the model keys a checkpoint may change (where its frozen weights live, compilation) take effect.
+    """
     path = Path(path)
     meta = read_checkpoint_meta(path)
     _check_meta(meta, path)
-    config = config_from_dict(upgrade_config(meta["config"]))
+    config = apply_overrides(config_from_dict(upgrade_config(meta["config"])), list(overrides))
     parts = meta["components"]
     try:
         state = load_file(path / WEIGHTS_NAME)

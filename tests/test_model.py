@@ -223,6 +223,50 @@ def test_checkpoint_round_trip_is_exact(task, tmp_path):
     assert all(not p.requires_grad for p in loaded.backbone.vae.parameters())
 
 
+def test_compiled_unet_pass_reads_out_what_eager_reads_out():
+    """model.compile_unet traces the UNet with its feature hooks and class-attention capture as one graph (under
+    fullgraph a graph break is an error) and trains as eager does: same loss, same gradients. Dynamo's eager
+    backend keeps the test fast; inductor changes the kernels, not what is traced."""
+    torch.manual_seed(0)
+    model = build_model(seg_config())
+    batch = seg_batch(model)
+
+    def loss_and_grads():
+        model.zero_grad()
+        torch.manual_seed(1)  # the head's dropout draws the same masks in both runs
+        loss = model(batch, mode="loss")["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_loss, eager_grads = loss_and_grads()
+    model.backbone.compile_unet(backend="eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    loss, grads = loss_and_grads()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it was traced, not run eagerly
+    assert torch.equal(loss, eager_loss)
+    assert grads.keys() == eager_grads.keys() and any(n.startswith("backbone.unet.") for n in grads)
+    assert all(torch.equal(grads[n], eager_grads[n]) for n in grads)
+
+
+def test_a_checkpoint_loads_compiled_when_asked(tmp_path, monkeypatch):
+    """--set model.compile_vae/compile_unet reach a trained checkpoint's model (how it runs, not what it is);
+    what it is still cannot change."""
+    from iedp.models.backbone import DiffusionBackbone
+
+    torch.manual_seed(0)
+    save_model(build_model(seg_config()), Config(model=seg_config()), tmp_path / "ckpt")
+    compiled = []
+    monkeypatch.setattr(DiffusionBackbone, "compile_unet", lambda self, **options: compiled.append("unet"))
+    monkeypatch.setattr(DiffusionBackbone, "compile_encoder", lambda self, **options: compiled.append("vae"))
+    _, config = load_model(tmp_path / "ckpt", overrides=["model.compile_unet=true", "eval.batch_size=3"])
+    assert compiled == ["unet"] and config.model.compile_unet and config.eval.batch_size == 3
+    load_model(tmp_path / "ckpt", overrides=["model.compile_vae=true"])
+    assert compiled == ["unet", "vae"]
+    with pytest.raises(InputError, match="model.neck_channels: a trained checkpoint's model cannot change"):
+        load_model(tmp_path / "ckpt", overrides=["model.neck_channels=8"])
+
+
 def test_bad_checkpoint_and_weights_paths(tmp_path):
     with pytest.raises(InputError, match=str(tmp_path)):
         load_model(tmp_path)

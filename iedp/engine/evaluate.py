@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from iedp.config import Config, apply_overrides
+from iedp.config import Config
 from iedp.data.images import write_depth_png
 from iedp.engine.data import build_dataset
 from iedp.engine.inference import predict_sample, resolve_device, resolve_dtype
@@ -91,12 +91,12 @@ def evaluate_checkpoint(
     score the same pictures."""
     from iedp.outputs import check_output_dir, check_output_file
 
-    model, config = load_model(checkpoint)
+    overrides = [*overrides, *(["eval.multi_scale=true"] if multi_scale else [])]
+    model, config = load_model(checkpoint, overrides=overrides)
     # where results go is checked before the evaluation, not found unwritable after it
     check_output_file(json_path or Path(checkpoint) / "metrics.json", "--json")
     if save_predictions:
         check_output_dir(save_predictions, "--save-predictions")
-    config = apply_overrides(config, [*overrides, *(["eval.multi_scale=true"] if multi_scale else [])])
     accelerator = Accelerator(cpu=device == "cpu")
     target = accelerator.device if device in (None, "auto", "cpu") else resolve_device(device)
     model.to(target)

@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from iedp.api import Pipeline
-from iedp.config import Config, apply_overrides
+from iedp.config import Config
 from iedp.data.images import read_rgb, write_depth_png
 from iedp.engine.inference import predict_image, predict_labels, resolve_device, resolve_dtype
 from iedp.errors import InputError
@@ -235,13 +235,12 @@ def predict_paths(
     """
     paths = expand_inputs(inputs)
     check_output_dir(out_dir, "--out")  # before the model loads: a file, read-only or /proc fails at once
-    model, config = load_model(checkpoint)
+    model, config = load_model(checkpoint, overrides=overrides)
     if model.method == "explicit":
         raise InputError(
             f"checkpoint {checkpoint}: method 'explicit' is an oracle that needs ground-truth labels; "
             "predict runs vpd, implicit and iedp checkpoints"
         )
-    config = apply_overrides(config, overrides)
     device = resolve_device(device)
     precision = resolve_dtype(dtype, device)
     model.to(device)

@@ -33,6 +33,8 @@ def assemble_model(
         unet.enable_gradient_checkpointing()
     if config.compile_vae:
         backbone.compile_encoder()
+    if config.compile_unet:
+        backbone.compile_unet()
     implicit = ImplicitGuidance(image_encoder, "hidden" if config.implicit == "queries" else config.implicit)
     return IEDPModel(config, backbone, implicit, explicit, class_tokens, class_names)
 
