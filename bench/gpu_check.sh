@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # GPU check of the real-size IEDP segmentation model (see bench/gpu_check.py): first issue 15's comparison of
 # our defaults (bf16 autocast, our attention) with VPD's configuration (fp32, classic attention) at batch 16, then
-# bf16 inference and training throughput, peak memory, and the projected ADE20K 80k-iteration run time. Finishes
-# well within 8 minutes on one H100. Writes OUT_DIR/gpu_check.json, OUT_DIR/gpu_check.md and
+# bf16 inference and training throughput, peak memory, and the projected ADE20K 80k-iteration run time. 5.5 minutes
+# on one H200 without the compile probe (2026-11-28), 9 at most with it. Writes OUT_DIR/gpu_check.json, OUT_DIR/gpu_check.md and
 # OUT_DIR/gpu_check.log; then the peak training memory of iedp at 512x512, batch 2, bf16, with each memory-saving
-# option (bench/memory.py: the 16 GB goal of issue 15) into OUT_DIR/gpu_memory.{json,md,log}; then how inference
-# time grows with input side and batch (bench/growth.py) into OUT_DIR/growth_cuda.{json,md,png}.
+# option (bench/memory.py: the 16 GB goal of issue 15) into OUT_DIR/gpu_memory.{json,md,log}; then eager against
+# torch.compile (VAE, UNet, CUDA graphs; bench/compile_probe.py) into OUT_DIR/compile.{json,md,log}; then how
+# inference time grows with input side and batch (bench/growth.py) into OUT_DIR/growth_cuda.{json,md,png}.
 #
 # usage: bash bench/gpu_check.sh OUT_DIR [bench.gpu_check options, e.g. --skip-defaults]
 #   IEDP_BENCH_TINY=1  the tiny preset at 64x64 instead (a dry run that finishes in under a minute on a CPU)
@@ -47,6 +48,15 @@ fi
 # each variant in a fresh process (a few seconds to build the real-size parts); 2 minutes at most
 timeout 120 python3 -m bench.memory $memory_flags --json "$out/gpu_memory.json" --table "$out/gpu_memory.md" \
     2>&1 | tee "$out/gpu_memory.log" || echo "gpu_check.sh: bench.memory failed or timed out (exit ${PIPESTATUS[0]})"
+
+compile_flags=""
+if [[ "${IEDP_BENCH_TINY:-0}" == 1 ]]; then
+    compile_flags="--tiny --backend eager --repeats 2"
+fi
+# eager vs torch.compile of the VAE encoder, then the UNet pass too, then CUDA graphs, at batch 1 and 16
+# (bench/compile_probe.py); 3.5 minutes at most
+timeout 210 python3 -m bench.compile_probe "$out" $compile_flags 2>&1 | tee "$out/compile.log" \
+    || echo "gpu_check.sh: bench.compile_probe failed or timed out (exit ${PIPESTATUS[0]})"
 
 growth_flags="--device cuda --sides 256 512 768 1024 --batches 1 2 4 8 16 32 --repeats 3"
 if [[ "${IEDP_BENCH_TINY:-0}" == 1 ]]; then
