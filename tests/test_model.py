@@ -265,6 +265,9 @@ def test_a_checkpoint_loads_compiled_when_asked(tmp_path, monkeypatch):
     assert compiled == ["unet", "vae"]
     with pytest.raises(InputError, match="model.neck_channels: a trained checkpoint's model cannot change"):
         load_model(tmp_path / "ckpt", overrides=["model.neck_channels=8"])
+    # the text tower comes from where --set says the weights are now
+    with pytest.raises(InputError, match="moved-away"):
+        load_model(tmp_path / "ckpt", with_text=True, overrides=[f"model.weights={tmp_path / 'moved-away'}"])
 
 
 def test_bad_checkpoint_and_weights_paths(tmp_path):
