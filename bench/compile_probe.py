@@ -107,7 +107,7 @@ def markdown(summary: dict) -> str:
         ratio = eager.get(r["batch_size"], float("nan")) / r["median_s"]
         lines.append(
             f"| {r['variant']} | {r['batch_size']} | {r['first_call_s']:.1f} | {r['median_s']:.4f} | "
-            f"{r['images_per_s']:.1f} | {ratio:.2f}× |"
+            f"{r['images_per_s']:.3g} | {ratio:.2f}× |"
         )
     return "\n".join(lines)
 
