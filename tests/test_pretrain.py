@@ -11,9 +11,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from iedp.cli import main
+from iedp.errors import InputError
 from iedp.pretrain import QUICK_CONFIG, PretrainConfig, cache_key, pipeline
 from iedp.pretrain.clip import object_retrieval, recall_at
-from iedp.pretrain.data import SceneSet, caption, colour_name, sample_caption, visible_classes
+from iedp.pretrain.data import SceneSet, caption, colour_name, render_scenes, sample_caption, visible_classes
+from iedp.pretrain.report import markdown
 from iedp.pretrain.text_to_image import Conditioner
 from iedp.pretrain.vae import psnr, random_crops
 from iedp.weights import load_clip, load_stable_diffusion, make_tiny, resolve_weights
@@ -96,6 +98,7 @@ def test_report_lists_the_evidence(pretrained, report):
         == cache_key(QUICK_CONFIG)
     )
     assert report["config"] == dataclasses.asdict(QUICK_CONFIG)
+    assert report["device"] == "cpu" and report["render_workers"] == report["workers"]
     assert report["timings_s"]["total"] >= report["timings_s"]["vae"] > 0
     text = (pretrained / "report.md").read_text()
     for phrase in (
@@ -157,6 +160,36 @@ def test_cli_writes_the_folder(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "out")
     for name in ("unet", "vae", "clip", "report.md", "report.json", "samples.png", "version.json"):
         assert (tmp_path / "out" / name).exists(), name
+
+
+def test_rendering_in_processes_gives_the_same_scenes():
+    alone = render_scenes("val", 9, 32, seed=5)
+    split = render_scenes("val", 9, 32, seed=5, workers=2)
+    assert torch.equal(alone.images, split.images)
+    assert (alone.scenes, alone.classes, alone.counts, alone.colours) == (
+        split.scenes,
+        split.classes,
+        split.counts,
+        split.colours,
+    )
+    assert len(set(alone.scenes)) > 1  # the chunks hold different scenes, in order
+
+
+def test_report_says_where_it_trained(report):
+    assert "one intra-op thread per process" in markdown(report)
+    on_gpu = markdown({**report, "device": "NVIDIA H200", "render_workers": 16})
+    assert "every stage on one NVIDIA H200, one after another" in on_gpu
+    assert "rendered in 16 process(es)" in on_gpu
+
+
+def test_bad_workers_or_device_is_one_line(tmp_path, capsys):
+    with pytest.raises(InputError, match="--workers: must be 1 or 2 on the CPU"):
+        pipeline.pretrain_tiny(tmp_path, QUICK_CONFIG, workers=3)
+    assert not any(tmp_path.iterdir()), "nothing written before the check"
+    if not torch.cuda.is_available():
+        assert main(["pretrain-tiny", str(tmp_path / "out"), "--quick", "--device", "cuda"]) == 2
+        assert "--device: 'cuda' asked for, but PyTorch sees no CUDA device" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
 
 
 def test_config_rejects_bad_values():

@@ -39,8 +39,10 @@ def train_classifier(
     def loss_fn(step: int) -> torch.Tensor:
         index = torch.randint(0, len(images), (config.classifier_batch,), generator=generator)
         batch = images[index]
-        flips = torch.rand(len(index), generator=generator).lt(0.5).view(-1, 1, 1, 1)
-        return loss_fn_ce(classifier(torch.where(flips, batch.flip(-1), batch)), labels[index])
+        flips = torch.rand(len(index), generator=generator).lt(0.5).view(-1, 1, 1, 1).to(images.device)
+        return loss_fn_ce(
+            classifier(torch.where(flips, batch.flip(-1), batch)), labels[index].to(images.device)
+        )
 
     return fit(
         classifier,
@@ -56,6 +58,7 @@ def train_classifier(
 
 @torch.no_grad()
 def classify(classifier: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Scene-type index (N,) of float images (N, 3, H, W) in [-1, 1]."""
+    """Scene-type index (N,), on the CPU, of float images (N, 3, H, W) in [-1, 1] on the classifier's device."""
     classifier.eval()
-    return torch.cat([classifier(images[i : i + batch]).argmax(dim=1) for i in range(0, len(images), batch)])
+    indices = [classifier(images[i : i + batch]).argmax(dim=1) for i in range(0, len(images), batch)]
+    return torch.cat(indices).cpu()

@@ -32,7 +32,9 @@ def clip_pixels(clip: CLIPModel, scenes: SceneSet, batch: int = 256) -> torch.Te
     :class:`ImplicitGuidance` freezes the tower it wraps, so it wraps a fresh (untrained) tower of the same
     config here: only its preprocessing (size, normalisation, dtype) is used.
     """
-    preprocess = ImplicitGuidance(CLIPVisionModelWithProjection(clip.config.vision_config)).preprocess
+    preprocess = (
+        ImplicitGuidance(CLIPVisionModelWithProjection(clip.config.vision_config)).to(clip.device).preprocess
+    )
     return torch.cat(
         [
             preprocess(scenes.float_images(slice(start, start + batch)))
@@ -56,11 +58,11 @@ def train_clip(
 
     def loss_fn(step: int) -> torch.Tensor:
         index = torch.randperm(len(scenes), generator=generator)[:batch]
-        flips = torch.rand(batch, generator=generator).lt(0.5).view(-1, 1, 1, 1)
+        flips = torch.rand(batch, generator=generator).lt(0.5).view(-1, 1, 1, 1).to(pixels.device)
         images = torch.where(flips, pixels[index].flip(-1), pixels[index])
         captions = [sample_caption(scenes, i, rng) for i in index.tolist()]
         # Causal attention: padding after the end token changes nothing, so pad to the batch's longest only.
-        tokens = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
+        tokens = tokenizer(captions, padding=True, truncation=True, return_tensors="pt").to(clip.device)
         return clip(
             input_ids=tokens.input_ids,
             attention_mask=tokens.attention_mask,
@@ -84,7 +86,8 @@ def train_clip(
 
 
 class ClipScorer:
-    """Unit-norm projected embeddings of images and prompts from a CLIP's two towers (frozen)."""
+    """Unit-norm projected embeddings of images and prompts from a CLIP's two towers (frozen), on the CPU
+    whatever the towers' device (they are small, and the figures compare them with labels)."""
 
     def __init__(
         self,
@@ -95,16 +98,19 @@ class ClipScorer:
         self.vision = vision.requires_grad_(False).eval()
         self.text = text.requires_grad_(False).eval()
         self.tokenizer = tokenizer
-        self.preprocess = ImplicitGuidance(CLIPVisionModelWithProjection(vision.config)).preprocess
+        self.preprocess = (
+            ImplicitGuidance(CLIPVisionModelWithProjection(vision.config)).to(vision.device).preprocess
+        )
 
     @torch.no_grad()
     def images(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
         """(N, D) of float images (N, 3, H, W) in [-1, 1]."""
+        images = images.to(self.vision.device)
         embeds = [
             self.vision(pixel_values=self.preprocess(images[start : start + batch])).image_embeds
             for start in range(0, len(images), batch)
         ]
-        return F.normalize(torch.cat(embeds), dim=-1)
+        return F.normalize(torch.cat(embeds), dim=-1).cpu()
 
     @torch.no_grad()
     def prompts(self, prompts: list[str], batch: int = 256) -> torch.Tensor:
@@ -117,11 +123,11 @@ class ClipScorer:
                 truncation=True,
                 max_length=self.tokenizer.model_max_length,
                 return_tensors="pt",
-            )
+            ).to(self.text.device)
             embeds.append(
                 self.text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).text_embeds
             )
-        return F.normalize(torch.cat(embeds), dim=-1)
+        return F.normalize(torch.cat(embeds), dim=-1).cpu()
 
     def zero_shot_scenes(self, images: torch.Tensor) -> torch.Tensor:
         """Scene-type index (N,) of each image: the nearest of the prompts "a photo of a {scene}"."""

@@ -16,9 +16,13 @@ its captions: the scene, the objects, their number and their colours.
 from __future__ import annotations
 
 import colorsys
+import logging
+import multiprocessing
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 from iedp.data.prompts import _join_names, scene_prompt
 from iedp.data.synthetic import SYNTHETIC_CLASSES, SyntheticScenes
+from iedp.workers import one_thread_per_worker, start_worker
 
 ROOM_SURFACES = ("wall", "floor", "ceiling")
 """Classes of the room itself: in every scene."""
@@ -123,6 +128,10 @@ class SceneSet:
                 phrases.append(f"a {colour} {name}")
         return phrases
 
+    def to(self, device: torch.device | str) -> SceneSet:
+        """The same scenes with their images on ``device``."""
+        return replace(self, images=self.images.to(device))
+
     def float_images(self, index: torch.Tensor | slice, size: int | None = None) -> torch.Tensor:
         """Images ``index`` as float (B, 3, S, S) in [-1, 1], area-resized to ``size`` when given."""
         images = self.images[index].float() / 127.5 - 1
@@ -131,11 +140,36 @@ class SceneSet:
         return images
 
 
-def render_scenes(split: str, size: int, resolution: int, seed: int) -> SceneSet:
-    """Render ``size`` scenes of ``SyntheticScenes(split=split, seed=seed)`` at ``resolution`` (square)."""
+def render_scenes(split: str, size: int, resolution: int, seed: int, workers: int = 1) -> SceneSet:
+    """Render ``size`` scenes of ``SyntheticScenes(split=split, seed=seed)`` at ``resolution`` (square).
+
+    With ``workers`` > 1 the scenes are rendered in that many spawned processes of one thread each, in contiguous
+    chunks; every scene is drawn from its own seed, so the result does not depend on ``workers``.
+    """
+    if workers <= 1 or size < 2 * workers:
+        return _render_range(split, size, resolution, seed, 0, size)
+    bounds = np.linspace(0, size, workers + 1).round().astype(int).tolist()
+    context = multiprocessing.get_context("spawn")
+    level = logging.getLogger().getEffectiveLevel()
+    with (
+        one_thread_per_worker(),
+        ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(level,)) as pool,
+    ):
+        parts = list(pool.map(partial(_render_range, split, size, resolution, seed), bounds[:-1], bounds[1:]))
+    return SceneSet(
+        images=torch.cat([part.images for part in parts]),
+        scenes=[scene for part in parts for scene in part.scenes],
+        classes=[classes for part in parts for classes in part.classes],
+        counts=[counts for part in parts for counts in part.counts],
+        colours=[colours for part in parts for colours in part.colours],
+    )
+
+
+def _render_range(split: str, size: int, resolution: int, seed: int, start: int, stop: int) -> SceneSet:
+    """Scenes ``start`` to ``stop`` of ``SyntheticScenes(split=split, size=size, seed=seed)``."""
     dataset = SyntheticScenes(task="depth", split=split, size=size, resolution=resolution, seed=seed)
     images, scenes, classes, counts, colours = [], [], [], [], []
-    for index in range(size):
+    for index in range(start, stop):
         sample = dataset.render(index)
         images.append(torch.from_numpy(sample.rgb).permute(2, 0, 1))  # (3, H, W)
         scenes.append(sample.scene)

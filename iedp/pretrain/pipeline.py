@@ -35,6 +35,7 @@ from transformers import CLIPModel, CLIPTokenizer
 from iedp.cache import build_cached, cache_root
 from iedp.data.prompts import scene_prompt
 from iedp.data.synthetic import RENDERER_VERSION, SYNTHETIC_SCENES, render_scene
+from iedp.errors import InputError
 from iedp.pretrain.classifier import classify, scene_classifier, train_classifier
 from iedp.pretrain.clip import ClipScorer, evaluate_clip, train_clip
 from iedp.pretrain.config import PretrainConfig
@@ -116,12 +117,20 @@ def pretrained_tiny_dir(config: PretrainConfig | None = None) -> Path:
 
 
 def pretrain_tiny(
-    out_dir: str | Path, config: PretrainConfig | None = None, workers: int | None = None
+    out_dir: str | Path,
+    config: PretrainConfig | None = None,
+    workers: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Pre-train the tiny VAE, CLIP and text-to-image UNet on synthetic scenes into ``out_dir``; returns it.
 
     ``config`` defaults to :data:`DEFAULT_CONFIG`. Writes ``unet/``, ``vae/``, ``clip/``, ``scheduler/``,
     ``report.json``, ``report.md``, ``reconstructions.png`` and ``samples.png``.
+
+    On a GPU (``device``), the stages train there one after another in this process, and the scenes are rendered
+    in ``workers`` processes (default: every usable core). The random draws (batches, crops, noise, captions) are
+    made on the CPU whatever the device, so a GPU run sees the same batches as a CPU run; its weights differ only
+    by the devices' arithmetic.
 
     The stages that do not depend on each other run side by side when ``workers`` is 2 (the default on a machine
     with two or more cores): the VAE and then the scene classifier in a spawned worker process, CLIP and then the
@@ -130,19 +139,24 @@ def pretrain_tiny(
     ``workers``; the caller's thread count is restored afterwards.
     """
     config = config or DEFAULT_CONFIG
+    device = torch.device(device)
+    if workers is not None and (workers < 1 or (device.type == "cpu" and workers > 2)):
+        raise InputError(f"--workers: must be 1 or 2 on the CPU and at least 1 on a GPU, got {workers}")
+    if device.type != "cpu":
+        return _pretrain(Path(out_dir), config, None, device, workers or usable_cores())
     workers = min(2, usable_cores()) if workers is None else workers
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(_NUM_THREADS)
     try:
         if workers < 2:
-            return _pretrain(Path(out_dir), config, None)
+            return _pretrain(Path(out_dir), config, None, device, 1)
         level = logging.getLogger().getEffectiveLevel()
         context = multiprocessing.get_context("spawn")
         with (
             one_thread_per_worker(),
             ProcessPoolExecutor(1, mp_context=context, initializer=start_worker, initargs=(level,)) as pool,
         ):
-            return _pretrain(Path(out_dir), config, pool)
+            return _pretrain(Path(out_dir), config, pool, device, workers)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -156,14 +170,22 @@ def _start(pool: ProcessPoolExecutor | None, job: Callable[..., Any], *args: Any
     return future
 
 
-def _pretrain(out: Path, config: PretrainConfig, pool: ProcessPoolExecutor | None) -> Path:
-    """The stages of :func:`pretrain_tiny` and the report; ``pool`` (if any) runs the VAE and classifier."""
+def _pretrain(
+    out: Path,
+    config: PretrainConfig,
+    pool: ProcessPoolExecutor | None,
+    device: torch.device,
+    render_workers: int,
+) -> Path:
+    """The stages of :func:`pretrain_tiny` and the report; ``pool`` (if any) runs the VAE and classifier, which
+    is only on the CPU."""
     start = time.perf_counter()
     make_tiny(out, seed=config.seed)
-    train = render_scenes("train", config.num_train, config.resolution, config.data_seed)
+    train = render_scenes("train", config.num_train, config.resolution, config.data_seed, render_workers)
     heldout = render_scenes("val", config.num_heldout, config.resolution, config.data_seed)
+    train, heldout = train.to(device), heldout.to(device)
     timings = {"render": time.perf_counter() - start}
-    logger.info("render done in %.0f s", timings["render"])
+    logger.info("render done in %.0f s (%d processes)", timings["render"], render_workers)
 
     vae_job = _start(pool, _vae_job, train, heldout, config, out)
     scorer, clip_report = _timed(timings, "clip", _clip_stage, train, heldout, config, out)
@@ -171,7 +193,9 @@ def _pretrain(out: Path, config: PretrainConfig, pool: ProcessPoolExecutor | Non
     # the classifier reads the trained VAE; it trains in the worker while the UNet trains here
     classifier_job = _start(pool, _classifier_job, train, heldout, config, out)
 
-    unet, vae = load_stable_diffusion(str(out))  # the trained VAE, read back as a user would
+    unet, vae = (
+        part.to(device) for part in load_stable_diffusion(str(out))
+    )  # the trained VAE, as a user reads it
     conditioner = Conditioner(scorer.text, scorer.tokenizer)
     unet_losses = _timed(
         timings, "unet", train_unet, unet, latents, vae.config.scaling_factor, train, conditioner, config
@@ -205,6 +229,8 @@ def _pretrain(out: Path, config: PretrainConfig, pool: ProcessPoolExecutor | Non
         **version,
         "config": dataclasses.asdict(config),
         "workers": 1 if pool is None else 2,
+        "render_workers": render_workers,
+        "device": _device_name(device),
         "timings_s": timings,
         "vae": vae_report,
         "clip": clip_report,
@@ -240,7 +266,7 @@ def _vae_job(
     the worker process when there is one."""
     tic = time.perf_counter()
     _, vae = load_stable_diffusion(str(out))
-    report, latents = _vae_stage(vae, train, heldout, config, out)
+    report, latents = _vae_stage(vae.to(train.images.device), train, heldout, config, out)
     return report, latents, time.perf_counter() - tic
 
 
@@ -251,7 +277,7 @@ def _classifier_job(
     Runs in the worker process when there is one."""
     tic = time.perf_counter()
     _, vae = load_stable_diffusion(str(out))
-    classifier, report = _classifier_stage(vae, train, heldout, config)
+    classifier, report = _classifier_stage(vae.to(train.images.device), train, heldout, config)
     return classifier, report, time.perf_counter() - tic
 
 
@@ -290,12 +316,14 @@ def _clip_stage(
     train: SceneSet, heldout: SceneSet, config: PretrainConfig, out: Path
 ) -> tuple[ClipScorer, dict[str, Any]]:
     """Train and save CLIP; returns a scorer on the saved towers (read back by ``load_clip``) and the report."""
-    clip_dir = out / "clip"
-    random_init = evaluate_clip(_scorer(clip_dir), heldout, config.retrieval_gallery, config.object_template)
-    clip = CLIPModel.from_pretrained(clip_dir)
+    clip_dir, device = out / "clip", train.images.device
+    random_init = evaluate_clip(
+        _scorer(clip_dir, device), heldout, config.retrieval_gallery, config.object_template
+    )
+    clip = CLIPModel.from_pretrained(clip_dir).to(device)
     losses = train_clip(clip, CLIPTokenizer.from_pretrained(clip_dir), train, config)
     clip.save_pretrained(clip_dir, safe_serialization=True)
-    scorer = _scorer(clip_dir)
+    scorer = _scorer(clip_dir, device)
     trained = evaluate_clip(scorer, heldout, config.retrieval_gallery, config.object_template)
     logger.info(
         "clip: held-out zero-shot scene accuracy %.3f (random init %.3f, chance %.3f), recall@1 i2t %.3f t2i %.3f, "
@@ -317,9 +345,15 @@ def _clip_stage(
     return scorer, report
 
 
-def _scorer(clip_dir: Path) -> ClipScorer:
-    """A :class:`ClipScorer` on the CLIP saved in ``clip_dir``, read by ``load_clip``."""
-    return ClipScorer(*load_clip(str(clip_dir)))
+def _scorer(clip_dir: Path, device: torch.device) -> ClipScorer:
+    """A :class:`ClipScorer` on the CLIP saved in ``clip_dir``, read by ``load_clip``, on ``device``."""
+    vision, text, tokenizer = load_clip(str(clip_dir))
+    return ClipScorer(vision.to(device), text.to(device), tokenizer)
+
+
+def _device_name(device: torch.device) -> str:
+    """The accelerator's name ("NVIDIA H200") or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _scene_indices(scenes: SceneSet) -> torch.Tensor:
@@ -334,7 +368,7 @@ def _classifier_stage(
     size = config.classifier_resolution
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        classifier = scene_classifier()
+        classifier = scene_classifier().to(train.images.device)
     losses = train_classifier(
         classifier, train.float_images(slice(None), size), _scene_indices(train), config
     )

@@ -18,7 +18,7 @@ from iedp.visualize import panel, vstack
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     """Float (B, 3, H, W) in [-1, 1] -> B uint8 H x W x 3 arrays."""
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return list(pixels.permute(0, 2, 3, 1).numpy())
+    return list(pixels.permute(0, 2, 3, 1).cpu().numpy())
 
 
 def sample_grid(rows: Sequence[tuple[str, np.ndarray, Sequence[np.ndarray]]]) -> Image.Image:
@@ -77,16 +77,21 @@ def _training(report: dict[str, Any]) -> list[str]:
     """Timings of each stage and the first / last losses of each training curve."""
     timings = report["timings_s"]
     losses = {stage: loss_summary(curve) for stage, curve in report["losses"].items()}
-    side_by_side = (
-        "the VAE and the classifier ran in a second process, alongside CLIP and the UNet, so the total is less "
-        "than the sum"
-        if report.get("workers", 1) > 1
-        else "one process"
-    )
+    device = report.get("device", "cpu")
+    if device != "cpu":
+        how = f"every stage on one {device}, one after another"
+    elif report.get("workers", 1) > 1:
+        how = (
+            "on the CPU, one intra-op thread per process; the VAE and the classifier ran in a second process, "
+            "alongside CLIP and the UNet, so the total is less than the sum"
+        )
+    else:
+        how = "on the CPU, one process of one intra-op thread"
     return [
         "## Timings (seconds)",
         "",
-        f"Wall time of each stage, one intra-op thread per process ({side_by_side}).",
+        f"Wall time of each stage ({how}); the scenes were rendered in {report.get('render_workers', 1)} "
+        "process(es).",
         "",
         "| render | VAE | CLIP | UNet | scene classifier | evaluation and report | total |",
         "|---|---|---|---|---|---|---|",

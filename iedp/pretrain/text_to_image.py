@@ -52,7 +52,7 @@ class Conditioner:
             truncation=True,
             max_length=self.tokenizer.model_max_length,
             return_tensors="pt",
-        ).input_ids
+        ).input_ids.to(self.text_encoder.device)
         return torch.cat(
             [
                 self.text_encoder.text_model(input_ids=tokens[start : start + batch]).last_hidden_state
@@ -89,15 +89,16 @@ def train_unet(
     def loss_fn(step: int) -> torch.Tensor:
         index = torch.randint(0, len(scenes), (config.unet_batch,), generator=generator)
         clean = (
-            means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
+            means[index] + stds[index] * torch.randn(means[index].shape, generator=generator).to(means.device)
         ) * scaling_factor
         captions = [
             "" if rng.random() < config.caption_dropout else sample_caption(scenes, i, rng)
             for i in index.tolist()
         ]
         context = conditioner(captions)
-        noise = torch.randn(clean.shape, generator=generator)
+        noise = torch.randn(clean.shape, generator=generator).to(clean.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        timesteps = timesteps.to(clean.device)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         prediction = unet(noisy, timesteps, context).sample
         errors = (prediction - noise).pow(2).mean(dim=(1, 2, 3))  # (B,)
@@ -153,8 +154,9 @@ def denoising_losses(
     clean = latent_means * scaling_factor
     totals = dict.fromkeys(contexts, 0.0)
     for _ in range(draws):
-        noise = torch.randn(clean.shape, generator=generator)
+        noise = torch.randn(clean.shape, generator=generator).to(clean.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator)
+        timesteps = timesteps.to(clean.device)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         for key, context in contexts.items():
             prediction = unet(noisy, timesteps, context).sample
@@ -181,7 +183,7 @@ def generate(
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(
         len(prompts), unet.config.in_channels, size // factor, size // factor, generator=generator
-    )
+    ).to(unet.device)
     # Conditional and unconditional contexts in one batch (same T): rows [:B] with the prompt, [B:] with "".
     context = conditioner([*prompts, *[""] * len(prompts)])
     for timestep in scheduler.timesteps:

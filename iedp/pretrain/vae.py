@@ -39,7 +39,7 @@ def train_vae(vae: AutoencoderKL, scenes: SceneSet, config: PretrainConfig) -> l
         index = torch.randint(0, len(scenes), (config.vae_batch,), generator=generator)
         images = random_crops(scenes.images[index], config.vae_crop, generator).float() / 127.5 - 1
         posterior = vae.encode(images).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=generator)
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(images.device)
         reconstruction = vae.decode(posterior.mean + posterior.std * noise).sample
         kl = posterior.kl() / posterior.mean[0].numel()  # (B,) per latent element
         chroma = F.mse_loss(
