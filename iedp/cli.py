@@ -48,10 +48,11 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _pretrain_tiny(args: argparse.Namespace) -> int:
+    from iedp.config import with_overrides
     from iedp.engine.inference import resolve_device
     from iedp.pretrain import DEFAULT_CONFIG, QUICK_CONFIG, pretrain_tiny
 
-    config = QUICK_CONFIG if args.quick else DEFAULT_CONFIG
+    config = with_overrides(QUICK_CONFIG if args.quick else DEFAULT_CONFIG, args.set)
     print(pretrain_tiny(args.dir, config, args.workers, resolve_device(args.device)))
     return 0
 
@@ -223,6 +224,14 @@ def _add_pretrain_tiny(commands: argparse._SubParsersAction) -> None:
         help="on the CPU, processes of one thread each (1 or 2): 2 runs the VAE and CLIP side by side (default: "
         "2 on two or more cores), the weights are the same either way; on a GPU, the processes that render the "
         "scenes (default: every core)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a pre-training setting, repeatable (a field of iedp.pretrain.PretrainConfig, e.g. vae_steps=20000); "
+        "the folder's cache key and report record the settings",
     )
     p.set_defaults(func=_pretrain_tiny)
 

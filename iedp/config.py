@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -68,7 +68,9 @@ class ModelConfig:
     depth_head_channels: int = 192
     gradient_checkpointing: bool = False
     compile_vae: bool = False  # torch.compile the frozen VAE encoder (GPU; the first call compiles for ~20 s)
-    compile_unet: bool = False  # torch.compile the UNet with its read-out hooks, one graph (first call compiles)
+    compile_unet: bool = (
+        False  # torch.compile the UNet with its read-out hooks, one graph (first call compiles)
+    )
     cache_dir: str | None = None  # where class-token banks are cached; default $IEDP_CACHE or ~/.cache/iedp
 
 
@@ -434,6 +436,18 @@ def set_dotted(tree: dict[str, Any], assignment: str) -> None:
         if not isinstance(node, dict):
             raise InputError(f"--set {key}: {part} is not a section")
     node[parts[-1]] = SetValue(raw)
+
+
+Settings = TypeVar("Settings")
+
+
+def with_overrides(settings: Settings, overrides: list[str]) -> Settings:
+    """A copy of the dataclass ``settings`` (e.g. :class:`iedp.pretrain.PretrainConfig`) with ``--set key=value``
+    assignments applied, each value read and checked by its field's type."""
+    tree = dataclasses.asdict(settings)
+    for assignment in overrides:
+        set_dotted(tree, assignment)
+    return _build(type(settings), tree, "")
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:

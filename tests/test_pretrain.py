@@ -156,10 +156,32 @@ def test_cache_key_covers_versions_and_config(monkeypatch):
 
 
 def test_cli_writes_the_folder(tmp_path, capsys):
-    assert main(["pretrain-tiny", str(tmp_path / "out"), "--quick"]) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "out")
+    out = tmp_path / "out"
+    assert (
+        main(["pretrain-tiny", str(out), "--quick", "--set", "unet_steps=5", "--set", "snr_gamma=none"]) == 0
+    )
+    assert capsys.readouterr().out.strip() == str(out)
     for name in ("unet", "vae", "clip", "report.md", "report.json", "samples.png", "version.json"):
-        assert (tmp_path / "out" / name).exists(), name
+        assert (out / name).exists(), name
+    report = json.loads((out / "report.json").read_text())
+    changed = dataclasses.replace(QUICK_CONFIG, unet_steps=5, snr_gamma=None)
+    assert report["config"] == dataclasses.asdict(changed) and report["key"] == cache_key(changed)
+    assert len(report["losses"]["unet"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("vae_stepz=9", "unknown config key vae_stepz; did you mean vae_steps?"),
+        ("vae_steps=many", "vae_steps: 'many' is not an integer"),
+        ("vae_crop=60", "PretrainConfig.vae_crop: must be a multiple of the VAE factor 8, got 60"),
+    ],
+)
+def test_cli_refuses_a_bad_setting_in_one_line(tmp_path, capsys, assignment, message):
+    assert main(["pretrain-tiny", str(tmp_path / "out"), "--quick", "--set", assignment]) == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_rendering_in_processes_gives_the_same_scenes():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from iedp.errors import InputError
+
 
 @dataclass(frozen=True)
 class PretrainConfig:
@@ -72,19 +74,19 @@ class PretrainConfig:
             "retrieval_gallery",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"PretrainConfig.{name}: must be positive, got {getattr(self, name)}")
+                raise InputError(f"PretrainConfig.{name}: must be positive, got {getattr(self, name)}")
         if self.retrieval_gallery > self.num_heldout:
-            raise ValueError(
+            raise InputError(
                 f"PretrainConfig.retrieval_gallery: {self.retrieval_gallery} exceeds num_heldout "
                 f"{self.num_heldout}"
             )
         for name in ("vae_crop", "resolution", "unet_resolution"):
             if getattr(self, name) % 8:
-                raise ValueError(
+                raise InputError(
                     f"PretrainConfig.{name}: must be a multiple of the VAE factor 8, got {getattr(self, name)}"
                 )
         if self.vae_crop > self.resolution or self.unet_resolution > self.resolution:
-            raise ValueError(
+            raise InputError(
                 f"PretrainConfig: vae_crop {self.vae_crop} and unet_resolution {self.unet_resolution} must not "
                 f"exceed the render resolution {self.resolution}"
             )
