@@ -10,7 +10,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from bench import speed_models, tables, timing
-from iedp.engine.inference import resolve_dtype
+from iedp.engine.inference import autocast, for_inference, resolve_dtype
 from iedp.models.attention import ClassAttentionProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,10 +67,14 @@ def test_cpu_capabilities_do_not_decide_for_other_devices(monkeypatch):
 
 
 # -- channels_last VAE input -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_model():
+def _tiny_seg_model():
     parts = speed_models.tiny_parts(CPU)
     return speed_models.build_seg_model(parts, seed=0, gradient_checkpointing=False, width=16).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return _tiny_seg_model()
 
 
 def test_encoder_input_format_defaults_by_device(tiny_model):
@@ -294,7 +298,13 @@ def test_gpu_check_projects_the_recipe_per_gpu_batch(monkeypatch):
             "memory": {"peak_bytes": 2**30 * batch},
         }
 
-    records = [step(2, 0.25), step(8, 0.36), step(8, 0.45, True), step(2, 0.1, variant="baseline"), step(3, 0.1)]
+    records = [
+        step(2, 0.25),
+        step(8, 0.36),
+        step(8, 0.45, True),
+        step(2, 0.1, variant="baseline"),
+        step(3, 0.1),
+    ]
     projected = gpu_check.projection(records)
     assert [(p["batch_per_gpu"], p["gpus"]) for p in projected["layouts"]] == [(8, 2), (8, 2), (2, 8)]
     assert projected["gpu_hours"] == pytest.approx(80_000 * 0.36 * 2 / 3600)  # 16 GPU-hours
@@ -303,3 +313,25 @@ def test_gpu_check_projects_the_recipe_per_gpu_batch(monkeypatch):
     goals = gpu_check.goals(records, projected)
     assert goals["ade20k_80k_gpu_hours<8"] == {"value": pytest.approx(16.0), "met": False}
     assert gpu_check.projection([step(2, 0.1, variant="baseline")]) is None
+
+
+# -- weights held in the inference precision -----------------------------------------------------------------------
+def test_for_inference_holds_the_weights_in_the_autocast_dtype(tiny_model):
+    """bf16 weights under bf16 autocast give what fp32 weights under it give (each matmul and convolution casts
+    its weight to bf16 either way): no error beyond autocast's own, and the model then holds no fp32 parameter."""
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    batch = {"image": images, "prompt": ["wall"] * 2}
+    model = _tiny_seg_model()  # the same weights (a deep copy would keep the original's feature hooks)
+    with torch.no_grad():
+        exact = model(batch, mode="predict")
+        with autocast(CPU, torch.bfloat16):
+            autocast_only = model(batch, mode="predict").float()
+            assert for_inference(model, CPU, torch.bfloat16) is model and not model.training
+            held = model(batch, mode="predict").float()
+            assert torch.equal(tiny_model(batch, mode="predict").float(), autocast_only)  # same start
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert next(tiny_model.parameters()).dtype == torch.float32  # only the model given is cast
+    autocast_error = (autocast_only - exact).abs().mean()
+    assert 0 < autocast_error < 0.02 * exact.std()
+    assert (held - autocast_only).abs().mean() < autocast_error  # measured: half of it
+    assert (held - exact).abs().mean() < 1.25 * autocast_error  # measured: 1.005×

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from iedp.config import Config
 from iedp.data.images import write_depth_png
 from iedp.engine.data import build_dataset
-from iedp.engine.inference import predict_sample, resolve_device, resolve_dtype
+from iedp.engine.inference import for_inference, predict_sample, resolve_device, resolve_dtype
 from iedp.model_files import load_model
 from iedp.models.iedp import IEDPModel
 from iedp.models.tasks import TASKS
@@ -99,11 +99,10 @@ def evaluate_checkpoint(
         check_output_dir(save_predictions, "--save-predictions")
     accelerator = Accelerator(cpu=device == "cpu")
     target = accelerator.device if device in (None, "auto", "cpu") else resolve_device(device)
-    model.to(target)
+    precision = resolve_dtype(dtype, target)
+    for_inference(model, target, precision)
     dataset = build_dataset(config, "val")
-    metrics = evaluate_model(
-        model, dataset, config, accelerator, save_predictions, dtype=resolve_dtype(dtype, target)
-    )
+    metrics = evaluate_model(model, dataset, config, accelerator, save_predictions, dtype=precision)
     if accelerator.is_main_process:
         print(format_metrics(metrics, model.task))
         path = Path(json_path) if json_path else Path(checkpoint) / "metrics.json"

@@ -169,6 +169,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def for_inference(model: IEDPModel, device: torch.device, dtype: torch.dtype) -> IEDPModel:
+    """``model``, loaded for inference only (it is changed in place), in eval mode on ``device`` with its weights
+    held in ``dtype``, the precision :func:`autocast` runs it in.
+
+    Under autocast each matmul and convolution casts its fp32 weight to ``dtype`` at every call and keeps the copy
+    until the call ends, so fp32 weights cost their own memory plus a ``dtype`` copy. Held in ``dtype`` once, they
+    cost half of the first and none of the second, and those ops compute exactly as before; only the few
+    parameters autocast leaves in fp32 (normalisation scales and shifts) are rounded.
+    """
+    return model.eval().to(device=device, dtype=dtype)
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     """Autocast to ``dtype`` on ``device`` (off for fp32): the precision every inference path runs in."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

@@ -38,7 +38,13 @@ from PIL import Image, ImageDraw
 from iedp.api import Pipeline
 from iedp.config import Config
 from iedp.data.images import read_rgb, write_depth_png
-from iedp.engine.inference import predict_image, predict_labels, resolve_device, resolve_dtype
+from iedp.engine.inference import (
+    for_inference,
+    predict_image,
+    predict_labels,
+    resolve_device,
+    resolve_dtype,
+)
 from iedp.errors import InputError
 from iedp.model_files import load_model
 from iedp.models.iedp import IEDPModel
@@ -243,7 +249,7 @@ def predict_paths(
         )
     device = resolve_device(device)
     precision = resolve_dtype(dtype, device)
-    model.to(device)
+    for_inference(model, device, precision)
     out_dir = check_output_dir(out_dir, "--out")
     logger.info(
         "predicting %d image(s) with %s (%s, %s) on %s in %s",
