@@ -4,7 +4,7 @@ Measured on one GPU, in one process, with the model of :mod:`bench.speed_models`
 ViT-L/14 with random weights, ADE20K's 150 classes, ``iedp`` method, our attention):
 
 - first, issue 15's comparison: whole inference at 512×512, batch 16, ``ours-default`` (what ``iedp predict`` runs
-  by default: our attention, bf16 autocast over the fp32 weights as loaded) vs ``vpd-config`` (VPD's
+  by default: our attention, bf16 autocast, the weights held in bf16) vs ``vpd-config`` (VPD's
   configuration: fp32, classic attention everywhere, VPD-style capture, no compile), alternating call by call
   (:func:`bench.timing.measure_variants`); the peak memory of each is that of one more call after a reset;
 - inference (the implicit branch, as at test time) at 512×512, batch 1 and 16, in images/s; at batch 16 also
@@ -290,6 +290,7 @@ def run(args: argparse.Namespace) -> dict:
         summary["records"] += run_defaults(model, variants, size, device, args)
         summary["defaults"] = defaults_comparison(summary["records"])
         write(summary, args.out_dir)
+    model.float()  # ours-default held every weight in bf16, as `iedp predict` does; training keeps fp32 ones
     prepare(model, args.dtype, channels_last=False)  # the recipe's bf16 from here on
     for check in CHECKS:
         if time.perf_counter() - start > args.budget_s:

@@ -20,7 +20,8 @@ Variants:
 Configurations (``--parts defaults``), everything a user's choice changes at once, on the same weights:
 
 - ``ours-default``: what ``iedp predict``/``evaluate`` run by default on the device: our attention, autocast to
-  :func:`iedp.engine.inference.resolve_dtype` ``(None, device)`` with the weights as loaded (fp32), and the VAE
+  :func:`iedp.engine.inference.resolve_dtype` ``(None, device)`` with the weights held in that dtype
+  (:func:`iedp.engine.inference.for_inference`; fp32 on a CPU without bf16 instructions), and the VAE
   encoder's input in the backbone's default memory format (channels_last on a CPU,
   :meth:`~iedp.models.backbone.DiffusionBackbone.encoder_uses_channels_last`).
 - ``vpd-config``: VPD's own configuration: fp32 without autocast, the ``baseline`` processors (classic attention
@@ -44,7 +45,8 @@ are recorded too: on a shared CPU, ``--threads 1`` makes CPU time a measure that
 (with several threads, OpenMP barriers stall whenever one thread is descheduled), and the CPU goals are then
 judged on it.
 ``bf16`` follows the training recipe: frozen parts cast to bf16, everything under ``torch.autocast``; the
-configurations keep the weights in fp32 (as ``iedp predict`` loads them) and autocast per configuration.
+configurations hold the weights in their own autocast dtype (as ``iedp predict`` holds them: bf16 for ours-default
+where the device runs bf16 natively, fp32 for vpd-config), cast when the configuration is switched.
 The parent writes JSON (``--json``) and appends one dated row per configuration to ``BENCHMARKS.md``.
 """
 
@@ -163,8 +165,8 @@ def plan(args: argparse.Namespace) -> list[Job]:
     )
     jobs = []
     if "defaults" in parts:
-        # Weights stay fp32 (as loaded); each configuration autocasts itself. Off a CPU the default VAE input is
-        # contiguous, so ours-default-contiguous would repeat ours-default.
+        # Each configuration holds the weights in its dtype and autocasts itself. Off a CPU the default VAE input
+        # is contiguous, so ours-default-contiguous would repeat ours-default.
         names = list(CONFIGURATIONS)[: 3 if args.device == "cpu" else 2]
         for stage in ("inference", "vae"):
             jobs.append(Job(stage, ",".join(names), "fp32", args.size, save_output=stage == "inference"))

@@ -26,6 +26,7 @@ from transformers import (
 
 from iedp.classes import load_class_names
 from iedp.config import ModelConfig
+from iedp.engine.inference import resolve_dtype
 from iedp.models.attention import AttentionStore
 from iedp.models.build import assemble_model
 from iedp.models.guidance import ExplicitGuidance
@@ -38,7 +39,8 @@ from iedp.weights import _SD_V1_ORIGINAL_CONFIG, load_clip, load_stable_diffusio
 VARIANTS = ("ours", "baseline")  # attention alone; dtype and memory format as the worker's flags say
 CONFIGURATIONS = {
     # name: (attention processors, autocast dtype or None for iedp's default on the device,
-    #        VAE input channels_last or None for the backbone's default on the device)
+    #        VAE input channels_last or None for the backbone's default on the device);
+    # the weights are held in the autocast dtype, as `iedp predict` holds them (for_inference)
     "ours-default": ("ours", None, None),
     "vpd-config": ("baseline", "fp32", False),
     "ours-default-contiguous": ("ours", None, False),
@@ -212,6 +214,7 @@ class AttentionVariants:
     """Switches one model between our attention processors and the VPD-style baseline: the same weights."""
 
     def __init__(self, model: IEDPModel) -> None:
+        self.model = model
         backbone = model.backbone
         self.backbone, self.unet, self.vae = backbone, backbone.unet, backbone.vae
         capture = set(backbone.capture_layers()) if backbone.map_strides else set()
@@ -228,8 +231,14 @@ class AttentionVariants:
 
     def use(self, variant: str) -> None:
         """Install ``variant``'s processors: an attention variant, or a configuration's (with its VAE input
-        memory format; the attention variants leave the input as the caller made it)."""
-        attention, _, channels_last = CONFIGURATIONS.get(variant, (variant, None, False))
+        memory format and its weights' dtype; the attention variants leave both as the caller made them).
+
+        Switching configurations casts the weights back and forth, so after a bf16 configuration the fp32 weights
+        hold bf16-rounded values: the same amount of work, not the same outputs."""
+        attention, dtype, channels_last = CONFIGURATIONS.get(variant, (variant, None, False))
+        if variant in CONFIGURATIONS:
+            device = next(self.model.parameters()).device
+            self.model.to(dtype=resolve_dtype(dtype, device))
         unet_processors, vae_processors = self.processors[attention]
         # set_attn_processor pops from the dict it is given, so it gets copies.
         self.unet.set_attn_processor(dict(unet_processors))

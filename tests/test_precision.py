@@ -161,6 +161,17 @@ def test_ours_default_dtype_follows_the_cpu(monkeypatch):
     assert timing.variant_dtype("ours-default", "fp32", CPU) == "bf16"
     assert timing.variant_dtype("vpd-config", "fp32", CPU) == "fp32"
     assert timing.variant_dtype("ours", "fp32", CPU) == "fp32"  # attention variants keep the worker's dtype
+    # each configuration holds the weights as its command would: iedp predict in bf16 here, VPD in fp32
+    variants = speed_models.AttentionVariants(_tiny_seg_model())
+    weight_dtypes = {}
+    for name in ("ours-default", "vpd-config", "ours", "ours-default", "ours"):
+        variants.use(name)
+        weight_dtypes[name] = {p.dtype for p in variants.model.parameters()}
+    assert weight_dtypes == {
+        "ours-default": {torch.bfloat16},
+        "vpd-config": {torch.float32},
+        "ours": {torch.bfloat16},
+    }
 
 
 def _record(variant, dtype, median_s, extra_bytes, vae_channels_last=False, stage="inference"):
