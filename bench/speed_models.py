@@ -39,11 +39,11 @@ from iedp.weights import _SD_V1_ORIGINAL_CONFIG, load_clip, load_stable_diffusio
 VARIANTS = ("ours", "baseline")  # attention alone; dtype and memory format as the worker's flags say
 CONFIGURATIONS = {
     # name: (attention processors, autocast dtype or None for iedp's default on the device,
-    #        VAE input channels_last or None for the backbone's default on the device);
+    #        VAE input channels_last or None for the backbone's default on the device, VAE slicing);
     # the weights are held in the autocast dtype, as `iedp predict` holds them (for_inference)
-    "ours-default": ("ours", None, None),
-    "vpd-config": ("baseline", "fp32", False),
-    "ours-default-contiguous": ("ours", None, False),
+    "ours-default": ("ours", None, None, True),
+    "vpd-config": ("baseline", "fp32", False, False),
+    "ours-default-contiguous": ("ours", None, False, True),
 }
 PROMPT = "a photo of a wall, floor, ceiling, bed and lamp"  # an explicit-branch label prompt
 
@@ -231,14 +231,18 @@ class AttentionVariants:
 
     def use(self, variant: str) -> None:
         """Install ``variant``'s processors: an attention variant, or a configuration's (with its VAE input
-        memory format and its weights' dtype; the attention variants leave both as the caller made them).
+        memory format, its weights' dtype and its VAE slicing; the attention variants leave the dtype and the
+        slicing as the caller made them).
 
         Switching configurations casts the weights back and forth, so after a bf16 configuration the fp32 weights
         hold bf16-rounded values: the same amount of work, not the same outputs."""
-        attention, dtype, channels_last = CONFIGURATIONS.get(variant, (variant, None, False))
         if variant in CONFIGURATIONS:
+            attention, dtype, channels_last, slicing = CONFIGURATIONS[variant]
             device = next(self.model.parameters()).device
             self.model.to(dtype=resolve_dtype(dtype, device))
+            self.vae.enable_slicing() if slicing else self.vae.disable_slicing()
+        else:
+            attention, channels_last = variant, False
         unet_processors, vae_processors = self.processors[attention]
         # set_attn_processor pops from the dict it is given, so it gets copies.
         self.unet.set_attn_processor(dict(unet_processors))

@@ -249,6 +249,30 @@ def test_compiled_unet_pass_reads_out_what_eager_reads_out():
     assert all(torch.equal(grads[n], eager_grads[n]) for n in grads)
 
 
+def test_vae_slicing_encodes_one_image_at_a_time_to_the_same_latents(tmp_path):
+    """model.vae_slicing (the default) runs the VAE encoder once per image of a batch, which bounds its
+    full-resolution activations to one image's, and gives the latents of the whole-batch encoder; a checkpoint
+    can turn it off."""
+    torch.manual_seed(0)
+    model = build_model(seg_config())
+    images = seg_batch(model)["image"][:1].repeat(3, 1, 1, 1) + torch.linspace(-0.1, 0.1, 3).view(3, 1, 1, 1)
+    encoder_batches = []
+    model.backbone.vae.encoder.conv_in.register_forward_pre_hook(
+        lambda _m, args: encoder_batches.append(len(args[0]))
+    )
+    sliced = model.backbone.encode(images)
+    assert encoder_batches == [1, 1, 1]
+    model.backbone.vae.disable_slicing()
+    whole = model.backbone.encode(images)
+    assert encoder_batches[3:] == [3]
+    assert sliced.abs().max() > 0.1 and not torch.equal(sliced[0], sliced[1])
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)
+    save_model(model, Config(model=seg_config()), tmp_path / "ckpt")
+    loaded, config = load_model(tmp_path / "ckpt", overrides=["model.vae_slicing=false"])
+    assert not config.model.vae_slicing and not loaded.backbone.vae.use_slicing
+    assert load_model(tmp_path / "ckpt")[0].backbone.vae.use_slicing
+
+
 def test_a_checkpoint_loads_compiled_when_asked(tmp_path, monkeypatch):
     """--set model.compile_vae/compile_unet reach a trained checkpoint's model (how it runs, not what it is);
     what it is still cannot change."""
@@ -284,7 +308,9 @@ def test_lr_schedules():
     assert lr_factor(10, poly) == pytest.approx(0.9)
     assert lr_factor(100, poly) == 0.0
     # rise_fall (VPD's depth schedule): tests/test_vpd_exactness.py
-    linear = TrainConfig(schedule="rise_fall", lr=5e-4, min_lr=3e-5, max_steps=110, warmup_steps=10, rise_fall_power=1.0)
+    linear = TrainConfig(
+        schedule="rise_fall", lr=5e-4, min_lr=3e-5, max_steps=110, warmup_steps=10, rise_fall_power=1.0
+    )
     assert lr_factor(9, linear) == pytest.approx(1.0)
     assert lr_factor(14, linear) * 5e-4 == pytest.approx((5e-4 + 3e-5) / 2)
     assert lr_factor(109, linear) * 5e-4 == pytest.approx(3e-5)
