@@ -199,3 +199,36 @@ def test_memory_bench_options():
     with pytest.raises(SystemExit):
         memory.parse_args(["--variants", "baseline,fp8"])
     assert set(memory.VARIANTS["all"]) == {"gradient_checkpointing", "optimizer", "frozen_bf16"}
+
+
+def test_vae_slicing_bench_pairs_each_batch(tmp_path):
+    """bench/vae_slicing.py on the real-size VAE at a tiny input: both variants per batch, each in its own process,
+    the same latents, and one table row each."""
+    from bench import vae_slicing
+
+    out = tmp_path / "slicing.json"
+    vae_slicing.main(
+        [
+            "--device",
+            "cpu",
+            "--sizes",
+            "32",
+            "--batches",
+            "2",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    summary = json.loads(out.read_text())
+    records = summary["records"]
+    assert [(r["size"], r["batch"], r["slicing"]) for r in records] == [(32, 2, False), (32, 2, True)]
+    assert all(
+        r["median_s"] > 0 and len(r["times_s"]) == 1 and r["memory"]["peak_bytes"] > 0 for r in records
+    )
+    assert records[1]["latents_max_abs_diff"] < 1e-4  # one image at a time encodes to the same latents
+    rows = vae_slicing.rows(summary)
+    assert len(rows) == 2 and "| 32² | 2 | yes |" in rows[1] and "max abs diff" in rows[1]
