@@ -5,8 +5,10 @@
 # on one H200 without the compile probe (2026-11-28), 9 at most with it. Writes OUT_DIR/gpu_check.json, OUT_DIR/gpu_check.md and
 # OUT_DIR/gpu_check.log; then the peak training memory of iedp at 512x512, batch 2, bf16, with each memory-saving
 # option (bench/memory.py: the 16 GB goal of issue 15) into OUT_DIR/gpu_memory.{json,md,log}; then eager against
-# torch.compile (VAE, UNet, CUDA graphs; bench/compile_probe.py) into OUT_DIR/compile.{json,md,log}; then how
-# inference time grows with input side and batch (bench/growth.py) into OUT_DIR/growth_cuda.{json,md,png}.
+# torch.compile (VAE, UNet, CUDA graphs; bench/compile_probe.py) into OUT_DIR/compile.{json,md,log}; then the VAE
+# encoder with and without slicing at batch 16 (bench/vae_slicing.py) into OUT_DIR/vae_slicing.{json,log}. How
+# inference time grows with input side and batch was measured on an H200 (BENCHMARKS.md); `python3 -m bench.growth
+# --device cuda --out OUT_DIR` measures it again.
 #
 # usage: bash bench/gpu_check.sh OUT_DIR [bench.gpu_check options, e.g. --skip-defaults]
 #   IEDP_BENCH_TINY=1  the tiny preset at 64x64 instead (a dry run that finishes in under a minute on a CPU)
@@ -58,10 +60,10 @@ fi
 timeout 210 python3 -m bench.compile_probe "$out" $compile_flags 2>&1 | tee "$out/compile.log" \
     || echo "gpu_check.sh: bench.compile_probe failed or timed out (exit ${PIPESTATUS[0]})"
 
-growth_flags="--device cuda --sides 256 512 768 1024 --batches 1 2 4 8 16 32 --repeats 3"
+slicing_flags="--device cuda --dtype bf16 --sizes 512 --batches 16 --repeats 3"
 if [[ "${IEDP_BENCH_TINY:-0}" == 1 ]]; then
-    growth_flags="--tiny --sides 64 128 --batches 1 2 --repeats 1"
+    slicing_flags="--device cpu --sizes 64 --batches 2 --repeats 1 --threads 1"
 fi
-# inference time against input side and batch (bench/growth.py), cheapest first, for 80 s at most
-timeout 110 python3 -m bench.growth $growth_flags --budget-s 80 --out "$out" 2>&1 | tee "$out/growth.log" \
-    || echo "gpu_check.sh: bench.growth failed or timed out (exit ${PIPESTATUS[0]})"
+# the VAE encoder of a batch whole or one image at a time (bench/vae_slicing.py: model.vae_slicing), 1 minute at most
+timeout 60 python3 -m bench.vae_slicing $slicing_flags --json "$out/vae_slicing.json" 2>&1 | tee "$out/vae_slicing.log" \
+    || echo "gpu_check.sh: bench.vae_slicing failed or timed out (exit ${PIPESTATUS[0]})"
