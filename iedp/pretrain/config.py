@@ -1,6 +1,6 @@
 """Settings of the miniature pre-training (tiny VAE, CLIP and text-to-image UNet on synthetic scenes).
 
-The defaults take about an hour on two CPU cores (58 minutes measured, 2026-11-28); the world they build ships with
+The defaults take 107 minutes on two CPU cores (measured 2026-11-28, other jobs beside it); the world they build ships with
 the package, so users never wait for it. :data:`QUICK_CONFIG` runs every stage for a few steps in seconds, for
 tests. Every field is part of the cache key of ``resolve_weights("tiny-pretrained")``.
 """
@@ -29,7 +29,7 @@ class PretrainConfig:
     log_every: int = 25  # log the mean loss every this many steps
 
     # (a) VAE: reconstruction (MSE) + a small KL term, on random crops
-    vae_steps: int = 2000
+    vae_steps: int = 5000
     vae_batch: int = 8
     vae_crop: int = 64  # side of the random square crops (a multiple of the VAE's factor 8)
     vae_lr: float = 1e-3
@@ -42,7 +42,7 @@ class PretrainConfig:
     clip_lr: float = 2e-3
 
     # (c) UNet: latent text-to-image diffusion, epsilon prediction, SD's scaled-linear DDPM schedule
-    unet_steps: int = 2500
+    unet_steps: int = 3500
     unet_batch: int = 16
     unet_lr: float = 2e-3
     unet_resolution: int = 128  # image size whose latents the UNet is trained on (renders are resized)
