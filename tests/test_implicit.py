@@ -141,6 +141,32 @@ def test_both_branches_share_one_unet_call_equal_to_separate_calls(iedp_seg):
     assert (together["implicit"] - together["explicit"]).abs().amax() > 1e-4
 
 
+def autograd_nodes(output: torch.Tensor) -> list:
+    """Every node of ``output``'s backward graph."""
+    nodes, stack = [], [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in nodes:
+            nodes.append(node)
+            stack.extend(child for child, _ in node.next_functions)
+    return nodes
+
+
+def test_the_shared_call_splits_the_branches_before_resizing_to_the_input(iedp_seg):
+    """The 2B head output is split at the head's size, so the backward never joins two full-size logit maps."""
+    K = iedp_seg.num_classes
+    nodes = autograd_nodes(iedp_seg.train()(seg_batch(iedp_seg))["loss"])
+
+    def inputs_of(op: str) -> list[tuple[int, ...]]:
+        """Shapes of the logit maps (K channels) that ``op`` took in the forward."""
+        sizes = [tuple(node._saved_self_sym_sizes) for node in nodes if node.name() == op]
+        return [size for size in sizes if len(size) == 4 and size[1] == K]
+
+    (split,) = inputs_of("SplitBackward0")
+    assert split[0] == 4 and split[-1] < SIZE  # both branches, at the head's size
+    assert inputs_of("UpsampleBilinear2DBackward0") == [(2, *split[1:])] * 2
+
+
 def test_explicit_sequence_is_the_text_encoders_last_hidden_states(iedp_seg):
     explicit = iedp_seg.explicit
     prompts = ["a photo of a wall and floor", "a photo"]
