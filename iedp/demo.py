@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from iedp.config import Config, load_config
 from iedp.engine.data import build_dataset
@@ -36,7 +37,17 @@ from iedp.metrics.depth import DepthMetric
 from iedp.metrics.segmentation import SegmentationMetric
 from iedp.model_files import load_model
 from iedp.models.iedp import IEDPModel
-from iedp.visualize import colorize_depth, colorize_labels, heatmap, palette, panel, vstack
+from iedp.visualize import (
+    beside,
+    classes_by_area,
+    colorize_depth,
+    colorize_labels,
+    heatmap,
+    legend,
+    palette,
+    panel,
+    vstack,
+)
 from iedp.weights import resolve_weights
 from iedp.workers import one_thread_per_worker, start_worker, usable_cores
 
@@ -129,25 +140,40 @@ def prediction_pictures(task: str, models: dict[str, IEDPModel], config: Config,
     rows = []
     for index in range(NUM_PICTURES):
         sample = val_set[index]
-        images, titles = [_to_uint8(sample["image"])], ["input"]
+        predictions = {
+            method: predict_sample(model, sample, config, device).numpy() for method, model in models.items()
+        }
         if task == "seg":
-            colors = palette(len(val_set.class_names))
-            images.append(colorize_labels(sample["label"].numpy(), colors))
-            for model in models.values():
-                images.append(colorize_labels(predict_sample(model, sample, config, device).numpy(), colors))
+            rows.append(seg_row(sample, predictions, val_set.class_names))
         else:
-            gt = sample["depth"][0].numpy()
-            vmax = float(gt.max())
-            images.append(colorize_depth(gt, 0.0, vmax))
-            for model in models.values():
-                images.append(
-                    colorize_depth(predict_sample(model, sample, config, device).numpy(), 0.0, vmax)
-                )
-        titles += ["ground truth", *models]
-        rows.append(panel(images, titles))
+            rows.append(depth_row(sample, predictions))
     path = out / f"{task}_predictions.png"
     vstack(rows).save(path)
     return path
+
+
+def seg_row(sample: dict, predictions: dict[str, np.ndarray], class_names: list[str]) -> Image.Image:
+    """One scene's input, ground truth and predicted label maps, with a legend of every class drawn in them
+    (largest total area first)."""
+    colors = palette(len(class_names))
+    maps = [sample["label"].numpy(), *predictions.values()]
+    pictures = [colorize_labels(maps[0], colors)]
+    pictures += [colorize_labels(labels, colors, ignore_index=None) for labels in maps[1:]]
+    row = panel([_to_uint8(sample["image"]), *pictures], ["input", "ground truth", *predictions])
+    present = [k for k, _ in classes_by_area(np.concatenate([labels.ravel() for labels in maps]))]
+    return beside(row, legend([class_names[k] for k in present], colors[present]))
+
+
+def depth_row(sample: dict, predictions: dict[str, np.ndarray]) -> Image.Image:
+    """One scene's input, ground truth and predicted depth, all on the ground truth's range (0 m red to its
+    farthest point blue, named in the title; farther predictions are drawn at the far end)."""
+    gt = sample["depth"][0].numpy()
+    vmax = float(gt.max())
+    depths = [gt, *predictions.values()]
+    return panel(
+        [_to_uint8(sample["image"]), *(colorize_depth(depth, 0.0, vmax) for depth in depths)],
+        ["input", f"ground truth 0-{vmax:.1f} m", *predictions],
+    )
 
 
 @torch.no_grad()

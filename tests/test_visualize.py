@@ -151,3 +151,54 @@ def test_panel_places_images_side_by_side_under_titles():
         panel([first], ["a", "b"])
     with pytest.raises(ValueError, match="uint8"):
         panel([first.astype(np.float32)], ["a"])
+
+
+def test_the_demo_seg_row_has_a_legend_of_every_class_drawn_largest_first():
+    import torch
+
+    from iedp.demo import seg_row
+    from iedp.visualize import beside, colorize_labels, legend, palette, panel
+
+    names = ["wall", "floor", "bed", "lamp"]
+    label = np.zeros((8, 8), dtype=np.int64)
+    label[6:] = 1  # wall 48 px, floor 16 px
+    label[0, 0] = 255  # ignored: no legend entry
+    predicted = np.full((8, 8), 1)
+    predicted[:2] = 2  # a bed only the prediction sees: floor 48 + 16, wall 47, bed 16
+    image = torch.zeros(3, 8, 8)
+    row = seg_row({"image": image, "label": torch.from_numpy(label)}, {"iedp": predicted}, names)
+
+    colors = palette(4)
+    expected = beside(
+        panel(
+            [
+                np.full((8, 8, 3), 128, dtype=np.uint8),
+                colorize_labels(label, colors),
+                colorize_labels(predicted, colors, ignore_index=None),
+            ],
+            ["input", "ground truth", "iedp"],
+        ),
+        legend(["floor", "wall", "bed"], colors[[1, 0, 2]]),
+    )
+    assert np.array_equal(np.asarray(row), np.asarray(expected))
+
+
+def test_the_demo_depth_row_draws_every_map_on_the_ground_truths_range_named_in_its_title():
+    import torch
+
+    from iedp.demo import depth_row
+    from iedp.visualize import colorize_depth, panel
+
+    depth = np.linspace(0.5, 4.3, 64, dtype=np.float32).reshape(1, 8, 8)
+    far = float(depth.max())
+    predicted = np.full((8, 8), 6.0, dtype=np.float32)  # beyond the range: drawn at its far end
+    row = depth_row({"image": torch.zeros(3, 8, 8), "depth": torch.from_numpy(depth)}, {"vpd": predicted})
+    expected = panel(
+        [
+            np.full((8, 8, 3), 128, dtype=np.uint8),
+            colorize_depth(depth[0], 0.0, far),
+            colorize_depth(np.full((8, 8), far), 0.0, far),
+        ],
+        ["input", "ground truth 0-4.3 m", "vpd"],
+    )
+    assert np.array_equal(np.asarray(row), np.asarray(expected))
