@@ -16,6 +16,7 @@ from iedp.visualize import (
     overlay,
     palette,
     panel,
+    srgb_to_lab,
 )
 
 
@@ -23,15 +24,38 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
     return rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
 
 
-def test_palette_is_voc_from_index_one_distinct_and_never_black():
+def min_distance(colors: np.ndarray) -> float:
+    """Smallest CIELAB distance between two of ``colors``, black and white."""
+    lab = srgb_to_lab(np.concatenate([colors, [[0, 0, 0], [255, 255, 255]]]))
+    distances = np.linalg.norm(lab[:, None] - lab[None], axis=-1)
+    return float(distances[~np.eye(len(lab), dtype=bool)].min())
+
+
+def test_srgb_to_lab_matches_the_cie_reference_values():
+    lab = srgb_to_lab(np.array([[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255]]))
+    expected = [
+        [0, 0, 0],
+        [100, 0, 0],
+        [53.24, 80.09, 67.20],
+        [87.73, -86.18, 83.18],
+        [32.30, 79.19, -107.86],
+    ]
+    np.testing.assert_allclose(lab, expected, atol=0.05)  # the 4-digit matrix of IEC 61966-2-1
+
+
+def test_palette_colours_are_far_apart_stable_and_never_black_or_white():
     colors = palette(150)
     assert colors.dtype == np.uint8 and colors.shape == (150, 3)
-    # PASCAL VOC's colours of indices 1..4 (VOC's 0 is background black, kept here for ignore)
-    assert colors[:4].tolist() == [[128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]]
-    assert len({tuple(c) for c in colors}) == 150
-    assert (colors.sum(axis=1) > 0).all()
+    # the first pick is the colour farthest from black and white: pure blue; then green, red
+    assert colors[:3].tolist() == [[0, 0, 255], [0, 255, 0], [255, 0, 0]]
+    # the 19 synthetic classes: PASCAL VOC's bit scheme got as close as ΔE 8.8 (wall and cabinet), 150: 1.5
+    assert min_distance(palette(19)) > 40
+    assert min_distance(colors) > 15
     np.testing.assert_array_equal(palette(150), colors)
     np.testing.assert_array_equal(palette(10), colors[:10])  # a prefix: a class keeps its colour
+    palette(19)[0] = 7  # a copy: the cached colours cannot be changed through it
+    assert palette(19)[0].tolist() == [0, 0, 255]
+    assert palette(0).shape == (0, 3)
     with pytest.raises(ValueError, match="num_classes"):
         palette(-1)
 
