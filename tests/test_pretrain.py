@@ -135,17 +135,61 @@ def test_same_weights_in_one_process_or_two(pretrained, report, tmp_path):
     other = 1 if report["workers"] == 2 else 2
     folder = pipeline.pretrain_tiny(tmp_path, QUICK_CONFIG, workers=other)
     assert json.loads((folder / "report.json").read_text())["workers"] == other
+    assert_same_world(folder, pretrained, report)
+
+
+def assert_same_world(folder: Path, reference: Path, reference_report: dict) -> None:
+    """``folder`` holds the weights of ``reference`` bit for bit, and its report the same figures and losses."""
     for part in (
         "unet/diffusion_pytorch_model.safetensors",
         "vae/diffusion_pytorch_model.safetensors",
         "clip/model.safetensors",
     ):
-        ours, theirs = load_file(folder / part), load_file(pretrained / part)
+        ours, theirs = load_file(folder / part), load_file(reference / part)
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[name], theirs[name]) for name in ours), part
     figures = json.loads((folder / "report.json").read_text())
-    for stage in ("vae", "clip", "unet", "classifier"):
-        assert figures[stage] == report[stage], stage
+    for stage in ("vae", "clip", "unet", "classifier", "losses"):
+        assert figures[stage] == reference_report[stage], stage
+
+
+def test_an_interrupted_run_resumes_after_its_finished_stages(pretrained, report, tmp_path, monkeypatch):
+    """A run stopped in the UNet stage keeps the VAE and CLIP it trained; the same call on the same folder trains
+    only the UNet and ends with the weights and figures of an uninterrupted run."""
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "train_unet", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.pretrain_tiny(tmp_path, QUICK_CONFIG, workers=1)
+    stages = json.loads((tmp_path / pipeline.STAGES_FILE).read_text())
+    assert stages["key"] == cache_key(QUICK_CONFIG) and sorted(stages["stages"]) == ["clip", "vae"]
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"half written")
+
+    def train_again(*args, **kwargs):
+        raise AssertionError("a finished stage trained again")
+
+    monkeypatch.setattr(pipeline, "train_vae", train_again)
+    monkeypatch.setattr(pipeline, "train_clip", train_again)
+    folder = pipeline.pretrain_tiny(tmp_path, QUICK_CONFIG, workers=1)
+    assert not (folder / pipeline.STAGES_FILE).exists()
+    resumed = json.loads((folder / "report.json").read_text())
+    assert resumed["resumed_after"] == ["clip", "vae"]
+    assert "resumed after an interruption: clip, vae" in (folder / "report.md").read_text()
+    assert_same_world(folder, pretrained, report)
+
+
+def test_finished_stages_of_other_settings_start_over_and_a_broken_record_is_one_line(tmp_path):
+    path = tmp_path / pipeline.STAGES_FILE
+    pipeline.record_stage(tmp_path, "key-a", {}, "vae", {"psnr": 25.0}, 12.5)
+    assert pipeline.finished_stages(tmp_path, "key-a") == {"vae": {"report": {"psnr": 25.0}, "seconds": 12.5}}
+    assert pipeline.finished_stages(tmp_path, "key-b") == {}
+    assert pipeline.finished_stages(tmp_path / "elsewhere", "key-a") == {}
+    path.write_text('{"key": "key-a"')
+    with pytest.raises(InputError, match=r"stages\.json: unreadable record of finished stages .*delete it"):
+        pipeline.finished_stages(tmp_path, "key-a")
 
 
 def test_cache_key_covers_versions_and_config(monkeypatch):

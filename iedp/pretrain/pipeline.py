@@ -8,6 +8,11 @@ SD + CLIP folder: ``unet/``, ``vae/`` (diffusers), ``clip/`` (transformers, with
 ``scheduler/`` (the training noise schedule), the report (``report.md``, ``report.json``, ``samples.png``) and
 ``version.json`` (the cache key, see :func:`cache_key`).
 
+A run that stops (a crash, Ctrl-C) loses at most the stage it was in: each finished stage is recorded in the
+folder's ``stages.json`` with its report, and the same command on the same folder and settings resumes after it
+(the scenes are rendered again and the VAE's latents re-encoded; every stage seeds its own random numbers, so the
+weights are those of an uninterrupted run). The file is removed once the run completes.
+
 The world built with :data:`DEFAULT_CONFIG` ships inside the package (``iedp/resources/tiny_world``), so
 ``resolve_weights("tiny-pretrained")`` needs no pre-training; it is used only while its ``version.json`` key
 matches :func:`cache_key` of the current code, and otherwise rebuilt into the cache (with a warning).
@@ -20,6 +25,9 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -59,6 +67,13 @@ DEFAULT_CONFIG = PretrainConfig()
 # stall whenever another job holds a core: on a shared 2-core machine one thread ran each stage 3x faster than
 # two. Restored afterwards.
 _NUM_THREADS = 1
+
+
+STAGES_FILE = "stages.json"
+"""The finished stages of an unfinished run in its folder: ``{"key": ..., "stages": {name: {"report", "seconds"}}}``."""
+
+TRAINED_PARTS = ("vae", "clip", "unet")
+"""The stages that train a part of the world, each named after the folder it saves."""
 
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "resources" / "tiny_world"
@@ -180,16 +195,26 @@ def _pretrain(
     """The stages of :func:`pretrain_tiny` and the report; ``pool`` (if any) runs the VAE and classifier, which
     is only on the CPU."""
     start = time.perf_counter()
-    make_tiny(out, seed=config.seed)
+    key = cache_key(config)
+    finished = finished_stages(out, key)
+    resumed = sorted(finished)
+    initialise_unfinished(out, config.seed, finished)
     train = render_scenes("train", config.num_train, config.resolution, config.data_seed, render_workers)
     heldout = render_scenes("val", config.num_heldout, config.resolution, config.data_seed)
     train, heldout = train.to(device), heldout.to(device)
     timings = {"render": time.perf_counter() - start}
     logger.info("render done in %.0f s (%d processes)", timings["render"], render_workers)
 
-    vae_job = _start(pool, _vae_job, train, heldout, config, out)
-    scorer, clip_report = _timed(timings, "clip", _clip_stage, train, heldout, config, out)
+    vae_job = _start(pool, _vae_job, train, heldout, config, out, finished.get("vae"))
+    if "clip" in finished:
+        scorer, clip_report = _scorer(out / "clip", device), finished["clip"]["report"]
+        timings["clip"] = finished["clip"]["seconds"]
+    else:
+        scorer, clip_report = _timed(timings, "clip", _clip_stage, train, heldout, config, out)
+        record_stage(out, key, finished, "clip", clip_report, timings["clip"])
     vae_report, latents, timings["vae"] = vae_job.result()
+    if "vae" not in finished:
+        record_stage(out, key, finished, "vae", vae_report, timings["vae"])
     # the classifier reads the trained VAE; it trains in the worker while the UNet trains here
     classifier_job = _start(pool, _classifier_job, train, heldout, config, out)
 
@@ -197,11 +222,15 @@ def _pretrain(
         part.to(device) for part in load_stable_diffusion(str(out))
     )  # the trained VAE, as a user reads it
     conditioner = Conditioner(scorer.text, scorer.tokenizer)
-    unet_losses = _timed(
-        timings, "unet", train_unet, unet, latents, vae.config.scaling_factor, train, conditioner, config
-    )
-    unet.save_pretrained(out / "unet", safe_serialization=True)
-    noise_scheduler().save_pretrained(out / "scheduler")
+    if "unet" in finished:
+        unet_losses, timings["unet"] = finished["unet"]["report"], finished["unet"]["seconds"]
+    else:
+        unet_losses = _timed(
+            timings, "unet", train_unet, unet, latents, vae.config.scaling_factor, train, conditioner, config
+        )
+        unet.save_pretrained(out / "unet", safe_serialization=True)
+        noise_scheduler().save_pretrained(out / "scheduler")
+        record_stage(out, key, finished, "unet", unet_losses, timings["unet"])
     classifier, classifier_report, timings["classifier"] = classifier_job.result()
 
     unet_report = _timed(
@@ -220,34 +249,90 @@ def _pretrain(
     timings["total"] = time.perf_counter() - start
 
     version = {
-        "key": cache_key(config),
+        "key": key,
         "versions": {"tiny": TINY_VERSION, "renderer": RENDERER_VERSION, "pretrain": PRETRAIN_VERSION},
         "render_fingerprint": render_fingerprint(),
     }
     (out / "version.json").write_text(json.dumps(version, indent=1) + "\n", encoding="utf-8")
+    stage_reports = {
+        "vae": vae_report,
+        "clip": clip_report,
+        "unet": unet_report,
+        "classifier": classifier_report,
+    }
     report = {
         **version,
         "config": dataclasses.asdict(config),
         "workers": 1 if pool is None else 2,
         "render_workers": render_workers,
         "device": _device_name(device),
+        "resumed_after": resumed,
         "timings_s": timings,
-        "vae": vae_report,
-        "clip": clip_report,
-        "unet": unet_report,
-        "classifier": classifier_report,
+        **{
+            stage: {k: v for k, v in figures.items() if k != "losses"}
+            for stage, figures in stage_reports.items()
+        },
         "losses": {
-            "vae": vae_report.pop("losses"),
-            "clip": clip_report.pop("losses"),
+            "vae": vae_report["losses"],
+            "clip": clip_report["losses"],
             "unet": unet_losses,
-            "classifier": classifier_report.pop("losses"),
+            "classifier": classifier_report["losses"],
         },
     }
     write_report(out, report)
+    (out / STAGES_FILE).unlink(missing_ok=True)
     logger.info(
         "pre-trained tiny weights in %s (%.0f s); report: %s", out, timings["total"], out / "report.md"
     )
     return out
+
+
+def finished_stages(out: Path, key: str) -> dict[str, dict[str, Any]]:
+    """The stages an interrupted run with the same cache ``key`` finished in ``out`` (see :data:`STAGES_FILE`);
+    empty when there is none, or when it had other settings (then the run starts over)."""
+    path = out / STAGES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        stages = record["stages"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(
+            f"{path}: unreadable record of finished stages ({error}); delete it to start over"
+        ) from None
+    if record.get("key") != key:
+        logger.warning(
+            "%s: a run with other settings (key %s, not %s); starting over", path, record.get("key"), key
+        )
+        return {}
+    logger.info("resuming in %s: %s already trained", out, ", ".join(sorted(stages)))
+    return stages
+
+
+def record_stage(
+    out: Path, key: str, finished: dict[str, dict[str, Any]], stage: str, report: Any, seconds: float
+) -> None:
+    """Add ``stage`` (its report and wall time) to ``finished`` and write them to :data:`STAGES_FILE` atomically,
+    once the stage's part is saved."""
+    finished[stage] = {"report": report, "seconds": seconds}
+    path = out / STAGES_FILE
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps({"key": key, "stages": finished}, indent=1) + "\n", encoding="utf-8")
+    os.replace(staging, path)
+
+
+def initialise_unfinished(out: Path, seed: int, finished: dict[str, dict[str, Any]]) -> None:
+    """The preset's initial weights (:func:`make_tiny`) in ``out`` for every part whose stage has not finished:
+    all of them on a fresh run; after an interruption, a part saved half-way is replaced too."""
+    if not finished:
+        make_tiny(out, seed=seed)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        make_tiny(scratch, seed=seed)
+        for part in TRAINED_PARTS:
+            if part not in finished:
+                shutil.rmtree(out / part, ignore_errors=True)
+                shutil.copytree(Path(scratch) / part, out / part)
 
 
 def _timed(timings: dict[str, float], stage: str, job: Callable[..., Any], *args: Any) -> Any:
@@ -260,13 +345,17 @@ def _timed(timings: dict[str, float], stage: str, job: Callable[..., Any], *args
 
 
 def _vae_job(
-    train: SceneSet, heldout: SceneSet, config: PretrainConfig, out: Path
+    train: SceneSet, heldout: SceneSet, config: PretrainConfig, out: Path, finished: dict[str, Any] | None
 ) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor], float]:
-    """The VAE stage on the preset's VAE in ``out``: its report, the training latents and its wall time. Runs in
-    the worker process when there is one."""
+    """The VAE stage on the preset's VAE in ``out``: its report, the training latents and its wall time; with
+    ``finished`` (the stage's record from an interrupted run), only the latents of the VAE it saved. Runs in the
+    worker process when there is one."""
     tic = time.perf_counter()
     _, vae = load_stable_diffusion(str(out))
-    report, latents = _vae_stage(vae.to(train.images.device), train, heldout, config, out)
+    vae = vae.to(train.images.device)
+    if finished is not None:
+        return finished["report"], encode_latents(vae, train, config.unet_resolution), finished["seconds"]
+    report, latents = _vae_stage(vae, train, heldout, config, out)
     return report, latents, time.perf_counter() - tic
 
 

@@ -87,11 +87,18 @@ def _training(report: dict[str, Any]) -> list[str]:
         )
     else:
         how = "on the CPU, one process of one intra-op thread"
+    resumed = report.get("resumed_after", [])
+    resumed_line = (
+        f" The run was resumed after an interruption: {', '.join(resumed)} trained before it, and their times "
+        "are those of that run (the total is the resumed run's)."
+        if resumed
+        else ""
+    )
     return [
         "## Timings (seconds)",
         "",
         f"Wall time of each stage ({how}); the scenes were rendered in {report.get('render_workers', 1)} "
-        "process(es).",
+        f"process(es).{resumed_line}",
         "",
         "| render | VAE | CLIP | UNet | scene classifier | evaluation and report | total |",
         "|---|---|---|---|---|---|---|",
