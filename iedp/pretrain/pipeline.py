@@ -122,7 +122,8 @@ def pretrained_tiny_dir(config: PretrainConfig | None = None) -> Path:
             return SHIPPED_DIR
         logger.warning(
             "the shipped tiny world (%s) has key %s, not %s of the current preset, renderer and pre-training "
-            "code: pre-training it again into the cache (about an hour on two CPU cores)",
+            "code: pre-training it again into the cache (107 minutes on two CPU cores; `iedp pretrain-tiny DIR "
+            "--device cuda` takes minutes on a GPU, then use it with model.weights=DIR)",
             SHIPPED_DIR,
             shipped,
             key,
