@@ -181,15 +181,16 @@ def test_an_interrupted_run_resumes_after_its_finished_stages(pretrained, report
     assert_same_world(folder, pretrained, report)
 
 
-def test_finished_stages_of_other_settings_start_over_and_a_broken_record_is_one_line(tmp_path):
-    path = tmp_path / pipeline.STAGES_FILE
-    pipeline.record_stage(tmp_path, "key-a", {}, "vae", {"psnr": 25.0}, 12.5)
-    assert pipeline.finished_stages(tmp_path, "key-a") == {"vae": {"report": {"psnr": 25.0}, "seconds": 12.5}}
-    assert pipeline.finished_stages(tmp_path, "key-b") == {}
-    assert pipeline.finished_stages(tmp_path / "elsewhere", "key-a") == {}
-    path.write_text('{"key": "key-a"')
+def test_stage_record_of_other_settings_starts_over_and_a_broken_one_is_one_line(tmp_path):
+    pipeline.StageRecord(tmp_path, "key-a").add("vae", {"psnr": 25.0}, 12.5)
+    assert pipeline.StageRecord.load(tmp_path, "key-a").finished == {
+        "vae": {"report": {"psnr": 25.0}, "seconds": 12.5}
+    }
+    assert pipeline.StageRecord.load(tmp_path, "key-b").finished == {}
+    assert pipeline.StageRecord.load(tmp_path / "elsewhere", "key-a").finished == {}
+    (tmp_path / pipeline.STAGES_FILE).write_text('{"key": "key-a"')
     with pytest.raises(InputError, match=r"stages\.json: unreadable record of finished stages .*delete it"):
-        pipeline.finished_stages(tmp_path, "key-a")
+        pipeline.StageRecord.load(tmp_path, "key-a")
 
 
 def test_cache_key_covers_versions_and_config(monkeypatch):

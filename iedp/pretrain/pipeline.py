@@ -20,7 +20,6 @@ matches :func:`cache_key` of the current code, and otherwise rebuilt into the ca
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -31,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ def cache_key(config: PretrainConfig) -> str:
         "renderer": RENDERER_VERSION,
         "pretrain": PRETRAIN_VERSION,
         "render_fingerprint": render_fingerprint(),
-        "config": dataclasses.asdict(config),
+        "config": asdict(config),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -197,25 +197,25 @@ def _pretrain(
     is only on the CPU."""
     start = time.perf_counter()
     key = cache_key(config)
-    finished = finished_stages(out, key)
-    resumed = sorted(finished)
-    initialise_unfinished(out, config.seed, finished)
+    stages = StageRecord.load(out, key)
+    run = {
+        "workers": 1 if pool is None else 2,
+        "render_workers": render_workers,
+        "device": _device_name(device),
+        "resumed_after": sorted(stages.finished),
+    }
+    initialise_unfinished(out, config.seed, stages.finished)
     train = render_scenes("train", config.num_train, config.resolution, config.data_seed, render_workers)
     heldout = render_scenes("val", config.num_heldout, config.resolution, config.data_seed)
     train, heldout = train.to(device), heldout.to(device)
     timings = {"render": time.perf_counter() - start}
     logger.info("render done in %.0f s (%d processes)", timings["render"], render_workers)
 
-    vae_job = _start(pool, _vae_job, train, heldout, config, out, finished.get("vae"))
-    if "clip" in finished:
-        scorer, clip_report = _scorer(out / "clip", device), finished["clip"]["report"]
-        timings["clip"] = finished["clip"]["seconds"]
-    else:
-        scorer, clip_report = _timed(timings, "clip", _clip_stage, train, heldout, config, out)
-        record_stage(out, key, finished, "clip", clip_report, timings["clip"])
+    vae_job = _start(pool, _vae_job, train, heldout, config, out, stages.finished.get("vae"))
+    scorer, clip_report = _clip_part(train, heldout, config, out, stages, timings)
     vae_report, latents, timings["vae"] = vae_job.result()
-    if "vae" not in finished:
-        record_stage(out, key, finished, "vae", vae_report, timings["vae"])
+    if "vae" not in stages.finished:
+        stages.add("vae", vae_report, timings["vae"])
     # the classifier reads the trained VAE; it trains in the worker while the UNet trains here
     classifier_job = _start(pool, _classifier_job, train, heldout, config, out)
 
@@ -223,15 +223,9 @@ def _pretrain(
         part.to(device) for part in load_stable_diffusion(str(out))
     )  # the trained VAE, as a user reads it
     conditioner = Conditioner(scorer.text, scorer.tokenizer)
-    if "unet" in finished:
-        unet_losses, timings["unet"] = finished["unet"]["report"], finished["unet"]["seconds"]
-    else:
-        unet_losses = _timed(
-            timings, "unet", train_unet, unet, latents, vae.config.scaling_factor, train, conditioner, config
-        )
-        unet.save_pretrained(out / "unet", safe_serialization=True)
-        noise_scheduler().save_pretrained(out / "scheduler")
-        record_stage(out, key, finished, "unet", unet_losses, timings["unet"])
+    unet_losses = _unet_part(
+        unet, latents, vae.config.scaling_factor, train, conditioner, config, out, stages, timings
+    )
     classifier, classifier_report, timings["classifier"] = classifier_job.result()
 
     unet_report = _timed(
@@ -248,78 +242,132 @@ def _pretrain(
         out,
     )
     timings["total"] = time.perf_counter() - start
-
-    version = {
-        "key": key,
-        "versions": {"tiny": TINY_VERSION, "renderer": RENDERER_VERSION, "pretrain": PRETRAIN_VERSION},
-        "render_fingerprint": render_fingerprint(),
-    }
-    (out / "version.json").write_text(json.dumps(version, indent=1) + "\n", encoding="utf-8")
-    stage_reports = {
+    reports = {
         "vae": vae_report,
         "clip": clip_report,
-        "unet": unet_report,
+        "unet": {**unet_report, "losses": unet_losses},
         "classifier": classifier_report,
     }
-    report = {
-        **version,
-        "config": dataclasses.asdict(config),
-        "workers": 1 if pool is None else 2,
-        "render_workers": render_workers,
-        "device": _device_name(device),
-        "resumed_after": resumed,
-        "timings_s": timings,
-        **{
-            stage: {k: v for k, v in figures.items() if k != "losses"}
-            for stage, figures in stage_reports.items()
-        },
-        "losses": {
-            "vae": vae_report["losses"],
-            "clip": clip_report["losses"],
-            "unet": unet_losses,
-            "classifier": classifier_report["losses"],
-        },
-    }
-    write_report(out, report)
-    (out / STAGES_FILE).unlink(missing_ok=True)
+    _write_outputs(out, key, config, run, timings, reports)
+    stages.clear()
     logger.info(
         "pre-trained tiny weights in %s (%.0f s); report: %s", out, timings["total"], out / "report.md"
     )
     return out
 
 
-def finished_stages(out: Path, key: str) -> dict[str, dict[str, Any]]:
-    """The stages an interrupted run with the same cache ``key`` finished in ``out`` (see :data:`STAGES_FILE`);
-    empty when there is none, or when it had other settings (then the run starts over)."""
-    path = out / STAGES_FILE
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        stages = record["stages"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise InputError(
-            f"{path}: unreadable record of finished stages ({error}); delete it to start over"
-        ) from None
-    if record.get("key") != key:
-        logger.warning(
-            "%s: a run with other settings (key %s, not %s); starting over", path, record.get("key"), key
-        )
-        return {}
-    logger.info("resuming in %s: %s already trained", out, ", ".join(sorted(stages)))
-    return stages
-
-
-def record_stage(
-    out: Path, key: str, finished: dict[str, dict[str, Any]], stage: str, report: Any, seconds: float
+def _write_outputs(
+    out: Path,
+    key: str,
+    config: PretrainConfig,
+    run: dict[str, Any],
+    timings: dict[str, float],
+    reports: dict[str, dict[str, Any]],
 ) -> None:
-    """Add ``stage`` (its report and wall time) to ``finished`` and write them to :data:`STAGES_FILE` atomically,
-    once the stage's part is saved."""
-    finished[stage] = {"report": report, "seconds": seconds}
-    path = out / STAGES_FILE
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps({"key": key, "stages": finished}, indent=1) + "\n", encoding="utf-8")
-    os.replace(staging, path)
+    """``version.json`` and the report: ``run``'s facts, the timings, each stage's figures and its losses."""
+    version = {
+        "key": key,
+        "versions": {"tiny": TINY_VERSION, "renderer": RENDERER_VERSION, "pretrain": PRETRAIN_VERSION},
+        "render_fingerprint": render_fingerprint(),
+    }
+    (out / "version.json").write_text(json.dumps(version, indent=1) + "\n", encoding="utf-8")
+    report = {
+        **version,
+        "config": asdict(config),
+        **run,
+        "timings_s": timings,
+        **{stage: {k: v for k, v in figures.items() if k != "losses"} for stage, figures in reports.items()},
+        "losses": {stage: figures["losses"] for stage, figures in reports.items()},
+    }
+    write_report(out, report)
+
+
+@dataclass
+class StageRecord:
+    """The finished stages of a run in ``folder``, each with its report and wall time, kept in
+    :data:`STAGES_FILE` as each one finishes, so that the same run on the same folder resumes after them."""
+
+    folder: Path
+    key: str
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, folder: Path, key: str) -> StageRecord:
+        """The stages an interrupted run with the same cache ``key`` finished in ``folder``; none when there is no
+        record, or when the record is of a run with other settings (then the run starts over)."""
+        path = folder / STAGES_FILE
+        if not path.is_file():
+            return cls(folder, key)
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            finished = dict(record["stages"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise InputError(
+                f"{path}: unreadable record of finished stages ({error}); delete it to start over"
+            ) from None
+        if record.get("key") != key:
+            logger.warning(
+                "%s: a run with other settings (key %s, not %s); starting over", path, record.get("key"), key
+            )
+            return cls(folder, key)
+        logger.info("resuming in %s: %s already trained", folder, ", ".join(sorted(finished)))
+        return cls(folder, key, finished)
+
+    def add(self, stage: str, report: Any, seconds: float) -> None:
+        """Record ``stage`` as finished (once its part is saved), rewriting the file atomically."""
+        self.finished[stage] = {"report": report, "seconds": seconds}
+        path = self.folder / STAGES_FILE
+        staging = path.with_suffix(".tmp")
+        record = {"key": self.key, "stages": self.finished}
+        staging.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        os.replace(staging, path)
+
+    def replay(self, stage: str, timings: dict[str, float]) -> Any:
+        """The report of the finished ``stage``; its wall time goes into ``timings``."""
+        timings[stage] = self.finished[stage]["seconds"]
+        return self.finished[stage]["report"]
+
+    def clear(self) -> None:
+        """The run is complete: remove the record."""
+        (self.folder / STAGES_FILE).unlink(missing_ok=True)
+
+
+def _clip_part(
+    train: SceneSet,
+    heldout: SceneSet,
+    config: PretrainConfig,
+    out: Path,
+    stages: StageRecord,
+    timings: dict[str, float],
+) -> tuple[ClipScorer, dict[str, Any]]:
+    """The CLIP stage (:func:`_clip_stage`), or the CLIP an interrupted run saved: a scorer on it and the report."""
+    if "clip" in stages.finished:
+        return _scorer(out / "clip", train.images.device), stages.replay("clip", timings)
+    scorer, report = _timed(timings, "clip", _clip_stage, train, heldout, config, out)
+    stages.add("clip", report, timings["clip"])
+    return scorer, report
+
+
+def _unet_part(
+    unet: UNet2DConditionModel,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    scaling_factor: float,
+    train: SceneSet,
+    conditioner: Conditioner,
+    config: PretrainConfig,
+    out: Path,
+    stages: StageRecord,
+    timings: dict[str, float],
+) -> list[float]:
+    """Train ``unet`` as a text-to-image model and save it with the noise schedule; returns its losses. After an
+    interruption that came after this stage, ``unet`` is the one it saved and only its losses are returned."""
+    if "unet" in stages.finished:
+        return stages.replay("unet", timings)
+    losses = _timed(timings, "unet", train_unet, unet, latents, scaling_factor, train, conditioner, config)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    noise_scheduler().save_pretrained(out / "scheduler")
+    stages.add("unet", losses, timings["unet"])
+    return losses
 
 
 def initialise_unfinished(out: Path, seed: int, finished: dict[str, dict[str, Any]]) -> None:
