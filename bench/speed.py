@@ -27,6 +27,9 @@ Configurations (``--parts defaults``), everything a user's choice changes at onc
 - ``vpd-config``: VPD's own configuration: fp32 without autocast, the ``baseline`` processors (classic attention
   everywhere, VPD-style capture), contiguous VAE input, no compilation.
 - ``ours-default-contiguous``: ``ours-default`` with a contiguous VAE input: the effect of channels_last alone.
+- ``ours-default-unet-channels-last``: ``ours-default`` with the UNet's weights, and so its activations, in
+  channels_last. A probe outside ``--parts defaults``: ``--worker --stage unet,inference --variant
+  ours-default,ours-default-unet-channels-last`` times it against ``ours-default`` call by call.
 
 The architectures are real size (SD v1.5 UNet and VAE, CLIP ViT-L/14 towers) with random weights from a fixed
 seed, so nothing is downloaded; ``--tiny`` uses the tiny preset instead (tests). The CLIP tokenizer is the tiny
@@ -306,8 +309,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     worker.add_argument(
         "--variant",
         default="ours",
-        help="ours, baseline, ours-default, vpd-config, ours-default-contiguous or a comma list (timed "
-        "alternately)",
+        help="ours, baseline, ours-default, vpd-config, ours-default-contiguous, ours-default-unet-channels-last "
+        "or a comma list (timed alternately)",
     )
     worker.add_argument("--channels-last", action="store_true")
     worker.add_argument("--save-output", default=None, help="folder for the inference outputs (torch.save)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -37,13 +38,24 @@ from iedp.models.iedp import IEDPModel
 from iedp.weights import _SD_V1_ORIGINAL_CONFIG, load_clip, load_stable_diffusion, make_tiny, resolve_weights
 
 VARIANTS = ("ours", "baseline")  # attention alone; dtype and memory format as the worker's flags say
+
+
+class Configuration(NamedTuple):
+    """Everything a user's choice changes at once. The weights are held in the autocast dtype, as
+    ``iedp predict`` holds them (``for_inference``)."""
+
+    attention: str  # a VARIANTS entry: our processors or the classic ones
+    dtype: str | None  # autocast dtype; None: iedp's default on the device
+    vae_channels_last: bool | None  # the VAE encoder's input; None: the backbone's default on the device
+    vae_slicing: bool
+    unet_channels_last: bool = False  # the UNet's weights (and so its activations) in channels_last
+
+
 CONFIGURATIONS = {
-    # name: (attention processors, autocast dtype or None for iedp's default on the device,
-    #        VAE input channels_last or None for the backbone's default on the device, VAE slicing);
-    # the weights are held in the autocast dtype, as `iedp predict` holds them (for_inference)
-    "ours-default": ("ours", None, None, True),
-    "vpd-config": ("baseline", "fp32", False, False),
-    "ours-default-contiguous": ("ours", None, False, True),
+    "ours-default": Configuration("ours", None, None, True),
+    "vpd-config": Configuration("baseline", "fp32", False, False),
+    "ours-default-contiguous": Configuration("ours", None, False, True),
+    "ours-default-unet-channels-last": Configuration("ours", None, None, True, unet_channels_last=True),
 }
 PROMPT = "a photo of a wall, floor, ceiling, bed and lamp"  # an explicit-branch label prompt
 
@@ -237,10 +249,13 @@ class AttentionVariants:
         Switching configurations casts the weights back and forth, so after a bf16 configuration the fp32 weights
         hold bf16-rounded values: the same amount of work, not the same outputs."""
         if variant in CONFIGURATIONS:
-            attention, dtype, channels_last, slicing = CONFIGURATIONS[variant]
+            configuration = CONFIGURATIONS[variant]
+            attention, channels_last = configuration.attention, configuration.vae_channels_last
             device = next(self.model.parameters()).device
-            self.model.to(dtype=resolve_dtype(dtype, device))
-            self.vae.enable_slicing() if slicing else self.vae.disable_slicing()
+            self.model.to(dtype=resolve_dtype(configuration.dtype, device))
+            self.vae.enable_slicing() if configuration.vae_slicing else self.vae.disable_slicing()
+            unet_format = torch.channels_last if configuration.unet_channels_last else torch.contiguous_format
+            self.unet.to(memory_format=unet_format)
         else:
             attention, channels_last = variant, False
         unet_processors, vae_processors = self.processors[attention]

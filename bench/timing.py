@@ -41,7 +41,7 @@ def variant_dtype(variant: str, dtype: str, device: torch.device) -> str:
     configuration's own for a configuration (``ours-default``: iedp's default on ``device``)."""
     if variant not in CONFIGURATIONS:
         return dtype
-    return CONFIGURATIONS[variant][1] or dtype_name(resolve_dtype(None, device))
+    return CONFIGURATIONS[variant].dtype or dtype_name(resolve_dtype(None, device))
 
 
 def synchronize(device: torch.device) -> None:
