@@ -181,6 +181,21 @@ def test_an_interrupted_run_resumes_after_its_finished_stages(pretrained, report
     assert_same_world(folder, pretrained, report)
 
 
+def test_the_worker_s_vae_is_kept_when_clip_fails_beside_it(tmp_path, monkeypatch):
+    """With two processes the VAE trains in the worker while CLIP trains here; a failure in CLIP still leaves the
+    VAE recorded once the worker finishes it."""
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("CLIP failed")
+
+    monkeypatch.setattr(pipeline, "train_clip", fail)  # this process only: the worker trains its VAE
+    with pytest.raises(RuntimeError, match="CLIP failed"):
+        pipeline.pretrain_tiny(tmp_path, QUICK_CONFIG, workers=2)
+    stages = json.loads((tmp_path / pipeline.STAGES_FILE).read_text())["stages"]
+    assert list(stages) == ["vae"]
+    assert len(stages["vae"]["report"]["losses"]) == QUICK_CONFIG.vae_steps
+
+
 def test_stage_record_of_other_settings_starts_over_and_a_broken_one_is_one_line(tmp_path):
     pipeline.StageRecord(tmp_path, "key-a").add("vae", {"psnr": 25.0}, 12.5)
     assert pipeline.StageRecord.load(tmp_path, "key-a").finished == {

@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -212,10 +213,11 @@ def _pretrain(
     logger.info("render done in %.0f s (%d processes)", timings["render"], render_workers)
 
     vae_job = _start(pool, _vae_job, train, heldout, config, out, stages.finished.get("vae"))
+    if "vae" not in stages.finished:
+        # recorded as soon as the worker is done, even if CLIP fails here meanwhile (the pool waits for the job)
+        vae_job.add_done_callback(stages.add_when_done("vae"))
     scorer, clip_report = _clip_part(train, heldout, config, out, stages, timings)
     vae_report, latents, timings["vae"] = vae_job.result()
-    if "vae" not in stages.finished:
-        stages.add("vae", vae_report, timings["vae"])
     # the classifier reads the trained VAE; it trains in the worker while the UNet trains here
     classifier_job = _start(pool, _classifier_job, train, heldout, config, out)
 
@@ -290,6 +292,8 @@ class StageRecord:
     folder: Path
     key: str
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # a worker's stage is recorded from the pool's thread while this process's stages record from the main one
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def load(cls, folder: Path, key: str) -> StageRecord:
@@ -315,12 +319,24 @@ class StageRecord:
 
     def add(self, stage: str, report: Any, seconds: float) -> None:
         """Record ``stage`` as finished (once its part is saved), rewriting the file atomically."""
-        self.finished[stage] = {"report": report, "seconds": seconds}
-        path = self.folder / STAGES_FILE
-        staging = path.with_suffix(".tmp")
-        record = {"key": self.key, "stages": self.finished}
-        staging.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        os.replace(staging, path)
+        with self.lock:
+            self.finished[stage] = {"report": report, "seconds": seconds}
+            path = self.folder / STAGES_FILE
+            staging = path.with_suffix(".tmp")
+            record = {"key": self.key, "stages": self.finished}
+            staging.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+            os.replace(staging, path)
+
+    def add_when_done(self, stage: str) -> Callable[[Future], None]:
+        """A done-callback for the future of a job that returns ``(report, ..., seconds)``: records ``stage`` if
+        the job succeeded."""
+
+        def record(job: Future) -> None:
+            if not job.cancelled() and job.exception() is None:
+                result = job.result()
+                self.add(stage, result[0], result[-1])
+
+        return record
 
     def replay(self, stage: str, timings: dict[str, float]) -> Any:
         """The report of the finished ``stage``; its wall time goes into ``timings``."""
