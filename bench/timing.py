@@ -174,7 +174,7 @@ def measure_variants(
     it hardly depends on what else runs on the machine.
 
     Peak memory is that of the first variant's first call (at least one warm-up call) above the level after
-    set-up; the process must be fresh for it to mean anything, so the other variants get none here.
+    set-up and after its switch (its weights in its own dtype); the process must be fresh for it to mean anything, so the other variants get none here.
     """
     if warmup < 1:
         raise ValueError(f"warmup: {warmup} must be at least 1 (peak memory is taken over the first call)")
@@ -183,12 +183,15 @@ def measure_variants(
     calls = {d: stage_call(model, stage, batch, d, channels_last) for d in dict.fromkeys(dtypes.values())}
     fns = {name: calls[dtypes[name]] for name in names}
     memory = PeakMemory(device)
-    memory.start()
     records: dict[str, dict] = {
         name: {"times_s": [], "cpu_times_s": [], "memory": None, "dtype": dtypes[name]} for name in names
     }
     for name in names:
         variants.use(name)
+        if name == names[0]:
+            # After the switch: a configuration casting the fp32 weights to bf16 frees half of them, and a floor
+            # taken before would hide its activations under the memory the cast gave back.
+            memory.start()
         records[name]["vae_channels_last"] = (
             model.backbone.encoder_uses_channels_last(device) or channels_last
         )

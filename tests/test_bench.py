@@ -232,3 +232,37 @@ def test_vae_slicing_bench_pairs_each_batch(tmp_path):
     assert records[1]["latents_max_abs_diff"] < 1e-4  # one image at a time encodes to the same latents
     rows = vae_slicing.rows(summary)
     assert len(rows) == 2 and "| 32² | 2 | yes |" in rows[1] and "max abs diff" in rows[1]
+
+
+def test_peak_memory_floor_is_taken_after_the_first_configuration_casts_its_weights(monkeypatch):
+    """A bf16 configuration casts the fp32 weights first; a floor taken before the cast would sit above the
+    memory its call then uses (on a bf16 CPU the worker reported 4 MB of activations for a 512² inference)."""
+    from bench import speed_models, timing
+
+    device = torch.device("cpu")
+    model = speed_models.build_seg_model(speed_models.build_parts(True, device, 0), 0, False, 16)
+    bf16 = speed_models.Configuration("ours", "bf16", False, True)
+    monkeypatch.setitem(speed_models.CONFIGURATIONS, "ours-default", bf16)
+    floors = []
+    start = timing.PeakMemory.start
+
+    def start_and_note_dtype(self):
+        floors.append(next(model.unet.parameters()).dtype)
+        start(self)
+
+    monkeypatch.setattr(timing.PeakMemory, "start", start_and_note_dtype)
+    batch = speed_models.make_batch(1, 64, model.num_classes, device, 0)
+    records, _ = timing.measure_variants(
+        model,
+        speed_models.AttentionVariants(model),
+        ["ours-default", "vpd-config"],
+        "vae",
+        batch,
+        "fp32",
+        False,
+        1,
+        1,
+    )
+    assert floors == [torch.bfloat16]
+    assert records["ours-default"]["dtype"] == "bf16" and records["vpd-config"]["dtype"] == "fp32"
+    assert records["ours-default"]["memory"]["base_bytes"] > 0 and records["vpd-config"]["memory"] is None
