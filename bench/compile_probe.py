@@ -1,4 +1,4 @@
-"""Whole segmentation inference (real-size model, bf16, 512×512) eager and with ``torch.compile``, side by side in
+"""Whole segmentation inference (real-size model, iedp's default precision on the device, 512×512) eager and with ``torch.compile``, side by side in
 one process: the VAE encoder alone (``model.compile_vae``), then the UNet pass too (``model.compile_unet``: the
 UNet with its feature hooks and class-attention capture as one graph), then the UNet under CUDA graphs
 (``mode="reduce-overhead"``), each at batch 1 (bound by kernel launches) and batch 16 (bound by the GPU).
@@ -25,7 +25,8 @@ import torch
 
 from bench.speed_models import build_parts, build_seg_model, make_batch, prepare
 from bench.tables import machine_label
-from bench.timing import machine, stage_call, synchronize, time_calls
+from bench.timing import dtype_name, machine, stage_call, synchronize, time_calls
+from iedp.engine.inference import resolve_dtype
 from iedp.models.iedp import IEDPModel
 
 
@@ -64,7 +65,7 @@ def measure(model: IEDPModel, batch: dict, dtype: str, repeats: int) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = "bf16" if device.type == "cuda" else "fp32"
+    dtype = dtype_name(resolve_dtype(None, device))  # iedp's default there: bf16 on a GPU or a bf16 CPU
     size = 64 if args.tiny else 512
     model = build_seg_model(build_parts(args.tiny, device, 0), 0, False, 16 if args.tiny else 256)
     prepare(model, dtype, channels_last=False)

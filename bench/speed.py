@@ -23,13 +23,16 @@ Configurations (``--parts defaults``), everything a user's choice changes at onc
   :func:`iedp.engine.inference.resolve_dtype` ``(None, device)`` with the weights held in that dtype
   (:func:`iedp.engine.inference.for_inference`; fp32 on a CPU without bf16 instructions), and the VAE
   encoder's input in the backbone's default memory format (channels_last on a CPU,
-  :meth:`~iedp.models.backbone.DiffusionBackbone.encoder_uses_channels_last`).
+  :meth:`~iedp.models.backbone.DiffusionBackbone.encoder_uses_channels_last`), the UNet's weights in
+  channels_last where :func:`iedp.engine.inference.unet_channels_last` says (a CPU in bf16).
 - ``vpd-config``: VPD's own configuration: fp32 without autocast, the ``baseline`` processors (classic attention
   everywhere, VPD-style capture), contiguous VAE input, no compilation.
 - ``ours-default-contiguous``: ``ours-default`` with a contiguous VAE input: the effect of channels_last alone.
-- ``ours-default-unet-channels-last``: ``ours-default`` with the UNet's weights, and so its activations, in
-  channels_last. A probe outside ``--parts defaults``: ``--worker --stage unet,inference --variant
-  ours-default,ours-default-unet-channels-last`` times it against ``ours-default`` call by call.
+- ``ours-default-unet-channels-last`` / ``ours-default-unet-contiguous``: ``ours-default`` with the UNet's
+  weights, and so its activations, in channels_last / contiguous, whatever the default
+  (:func:`iedp.engine.inference.unet_channels_last`: channels_last on a CPU in bf16). Probes outside ``--parts
+  defaults``: ``--worker --stage unet,inference --variant
+  ours-default-unet-contiguous,ours-default-unet-channels-last`` times the two call by call.
 
 The architectures are real size (SD v1.5 UNet and VAE, CLIP ViT-L/14 towers) with random weights from a fixed
 seed, so nothing is downloaded; ``--tiny`` uses the tiny preset instead (tests). The CLIP tokenizer is the tiny
@@ -309,8 +312,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     worker.add_argument(
         "--variant",
         default="ours",
-        help="ours, baseline, ours-default, vpd-config, ours-default-contiguous, ours-default-unet-channels-last "
-        "or a comma list (timed alternately)",
+        help=f"{', '.join((*VARIANTS, *CONFIGURATIONS))} or a comma list (timed alternately)",
     )
     worker.add_argument("--channels-last", action="store_true")
     worker.add_argument("--save-output", default=None, help="folder for the inference outputs (torch.save)")

@@ -28,6 +28,7 @@ from transformers import (
 from iedp.classes import load_class_names
 from iedp.config import ModelConfig
 from iedp.engine.inference import resolve_dtype
+from iedp.engine.inference import unet_channels_last as default_unet_channels_last
 from iedp.models.attention import AttentionStore
 from iedp.models.build import assemble_model
 from iedp.models.guidance import ExplicitGuidance
@@ -48,14 +49,16 @@ class Configuration(NamedTuple):
     dtype: str | None  # autocast dtype; None: iedp's default on the device
     vae_channels_last: bool | None  # the VAE encoder's input; None: the backbone's default on the device
     vae_slicing: bool
-    unet_channels_last: bool = False  # the UNet's weights (and so its activations) in channels_last
+    # The UNet's weights (and so its activations) in channels_last; None: iedp's default for the device and dtype
+    unet_channels_last: bool | None = None
 
 
 CONFIGURATIONS = {
     "ours-default": Configuration("ours", None, None, True),
-    "vpd-config": Configuration("baseline", "fp32", False, False),
+    "vpd-config": Configuration("baseline", "fp32", False, False, unet_channels_last=False),
     "ours-default-contiguous": Configuration("ours", None, False, True),
     "ours-default-unet-channels-last": Configuration("ours", None, None, True, unet_channels_last=True),
+    "ours-default-unet-contiguous": Configuration("ours", None, None, True, unet_channels_last=False),
 }
 PROMPT = "a photo of a wall, floor, ceiling, bed and lamp"  # an explicit-branch label prompt
 
@@ -252,9 +255,13 @@ class AttentionVariants:
             configuration = CONFIGURATIONS[variant]
             attention, channels_last = configuration.attention, configuration.vae_channels_last
             device = next(self.model.parameters()).device
-            self.model.to(dtype=resolve_dtype(configuration.dtype, device))
+            dtype = resolve_dtype(configuration.dtype, device)
+            self.model.to(dtype=dtype)
             self.vae.enable_slicing() if configuration.vae_slicing else self.vae.disable_slicing()
-            unet_format = torch.channels_last if configuration.unet_channels_last else torch.contiguous_format
+            unet_channels_last = configuration.unet_channels_last
+            if unet_channels_last is None:
+                unet_channels_last = default_unet_channels_last(device, dtype)
+            unet_format = torch.channels_last if unet_channels_last else torch.contiguous_format
             self.unet.to(memory_format=unet_format)
         else:
             attention, channels_last = variant, False

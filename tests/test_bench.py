@@ -266,3 +266,19 @@ def test_peak_memory_floor_is_taken_after_the_first_configuration_casts_its_weig
     assert floors == [torch.bfloat16]
     assert records["ours-default"]["dtype"] == "bf16" and records["vpd-config"]["dtype"] == "fp32"
     assert records["ours-default"]["memory"]["base_bytes"] > 0 and records["vpd-config"]["memory"] is None
+
+
+def test_compile_probe_dry_run_measures_each_variant_in_the_default_precision(tmp_path):
+    """bench/compile_probe.py on the tiny preset with the eager backend: the same code as on a GPU, in iedp's
+    default precision on this device (bf16 on a CPU with bf16 instructions, else fp32)."""
+    from bench import compile_probe
+    from bench.timing import dtype_name
+    from iedp.engine.inference import resolve_dtype
+
+    compile_probe.main([str(tmp_path), "--tiny", "--backend", "eager", "--batches", "1", "--repeats", "1"])
+    summary = json.loads((tmp_path / "compile.json").read_text())
+    assert summary["dtype"] == dtype_name(resolve_dtype(None, torch.device("cpu")))
+    variants = [r["variant"] for r in summary["records"]]
+    assert variants == ["eager", "compiled VAE", "compiled VAE + UNet"]
+    assert all(r["median_s"] > 0 and r["first_call_s"] > 0 for r in summary["records"])
+    assert "| compiled VAE + UNet | 1 |" in (tmp_path / "compile.md").read_text()

@@ -10,7 +10,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from bench import speed_models, tables, timing
-from iedp.engine.inference import autocast, for_inference, resolve_dtype
+from iedp.engine.inference import autocast, for_inference, resolve_dtype, unet_channels_last
 from iedp.models.attention import ClassAttentionProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,3 +348,21 @@ def test_for_inference_holds_the_weights_in_the_autocast_dtype(tiny_model):
     assert 0 < autocast_error < 0.02 * exact.std()
     assert (held - autocast_only).abs().mean() < autocast_error  # measured: half of it
     assert (held - exact).abs().mean() < 1.25 * autocast_error  # measured: 1.005×
+
+
+def test_for_inference_reorders_the_unet_to_channels_last_only_on_a_cpu_in_bf16():
+    """Measured faster there (UNet 1.08× on an AVX512-BF16 EPYC), no faster in fp32 on an AVX2 one, slower on
+    an H100; the reorder changes the memory layout, never the weights' values."""
+    assert unet_channels_last(CPU, torch.bfloat16)
+    assert not unet_channels_last(CPU, torch.float32)
+    assert not unet_channels_last(torch.device("cuda"), torch.bfloat16)
+    model = _tiny_seg_model()
+    conv = model.unet.conv_in.weight
+    assert not conv.is_contiguous(memory_format=torch.channels_last)
+    values = conv.detach().to(torch.bfloat16).clone()
+    for_inference(model, CPU, torch.float32)
+    assert not model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for_inference(model, CPU, torch.bfloat16)
+    assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(model.unet.conv_in.weight, values)
+    assert not model.backbone.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
