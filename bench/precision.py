@@ -4,7 +4,8 @@ Trains nothing: give it trained checkpoints (e.g. short demo-recipe runs on the 
 world, see BENCHMARKS.md for the commands). For each checkpoint it runs the validation split of the checkpoint's
 own config (the synthetic scenes for the demo recipes) through the one inference path
 (:func:`iedp.engine.inference.predict_sample`, as ``iedp evaluate`` and ``iedp predict`` run it) twice per image:
-in fp32 and under bf16 autocast (weights stay as loaded, as ``--dtype bf16`` runs them), and reports
+in fp32 and in bf16, each as ``iedp evaluate --dtype`` holds the model (:func:`~iedp.engine.inference.for_inference`:
+the weights in that dtype, the UNet in channels_last on a CPU in bf16), and reports
 
 - segmentation: pixel agreement of the two label maps (all pixels of all images; the worst image too) and
   mIoU / aAcc against the ground truth in each dtype;
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 from iedp.engine.data import build_dataset
-from iedp.engine.inference import predict_sample
+from iedp.engine.inference import for_inference, predict_sample
 from iedp.metrics.depth import DepthMetric
 from iedp.metrics.segmentation import SegmentationMetric
 from iedp.model_files import load_model
@@ -85,9 +86,11 @@ def depth_summary(differences: torch.Tensor) -> dict:
 
 def check_checkpoint(path: Path, max_images: int | None) -> dict:
     """Run the validation split of ``path``'s config in fp32 and bf16; compare the predictions."""
-    model, config = load_model(path)
     device = torch.device("cpu")
-    model.to(device)
+    # Each dtype as `iedp evaluate` holds the model in it: weights in that dtype, the UNet laid out for it.
+    loaded = {name: load_model(path) for name in DTYPES}
+    models = {name: for_inference(model, device, DTYPES[name]) for name, (model, _) in loaded.items()}
+    model, config = models["fp32"], loaded["fp32"][1]
     dataset = build_dataset(config, "val")
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
     if model.task == "seg":
@@ -106,7 +109,7 @@ def check_checkpoint(path: Path, max_images: int | None) -> dict:
         predictions = {}
         for name, dtype in DTYPES.items():
             start = time.process_time()
-            predictions[name] = predict_sample(model, sample, config, device, dtype=dtype).cpu()
+            predictions[name] = predict_sample(models[name], sample, config, device, dtype=dtype).cpu()
             cpu_times[name].append(time.process_time() - start)
             target = sample["label"] if model.task == "seg" else sample["depth"][0]
             metrics[name].update(predictions[name], target)

@@ -366,3 +366,32 @@ def test_for_inference_reorders_the_unet_to_channels_last_only_on_a_cpu_in_bf16(
     assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(model.unet.conv_in.weight, values)
     assert not model.backbone.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_precision_bench_compares_the_two_dtypes_as_evaluate_holds_the_model(
+    precision, tmp_path, monkeypatch
+):
+    """Each dtype gets its own copy of the checkpoint, held by for_inference as `iedp evaluate` holds it (bf16
+    weights, the UNet in channels_last), so the agreement measured is that of the default path."""
+    from iedp.config import Config, DataConfig, ModelConfig
+    from iedp.model_files import save_model
+    from iedp.models.build import build_model
+
+    torch.manual_seed(0)
+    model_config = ModelConfig(
+        task="seg", method="vpd", classes="synthetic", neck_channels=16, head_channels=16
+    )
+    config = Config(model=model_config, data=DataConfig(resolution=64, num_val=2))
+    save_model(build_model(model_config, with_text=False).eval(), config, tmp_path / "ckpt")
+    held = []
+    monkeypatch.setattr(
+        precision,
+        "for_inference",
+        lambda model, device, dtype: held.append((dtype, id(model))) or for_inference(model, device, dtype),
+    )
+    result = precision.check_checkpoint(tmp_path / "ckpt", max_images=2)
+    assert [dtype for dtype, _ in held] == [torch.float32, torch.bfloat16]
+    assert held[0][1] != held[1][1]  # two copies: the fp32 reference is not rounded by the bf16 cast
+    agreement = result["bf16_vs_fp32"]["pixel_agreement"]
+    assert result["images"] == 2 and result["bf16_vs_fp32"]["pixels"] == 2 * 64 * 64
+    assert 0.5 < agreement <= 1.0 and result["metrics"]["fp32"]["mIoU"] >= 0
