@@ -147,10 +147,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     """``None`` or ``"auto"``: bf16 where the hardware runs it natively, else fp32; a named dtype as named.
 
     Native bf16 means a CUDA GPU with bf16, or a CPU with bf16 instructions: AVX512-BF16 or AMX-BF16, as
-    ``torch.cpu.get_capabilities`` reports them. On such a CPU whole inference ran 2.3× faster in bf16 than in
-    fp32 (an EPYC with AVX512-BF16, frozen parts cast to bf16; BENCHMARKS.md), and on four demo checkpoints bf16
-    label maps agree with fp32 on 99.92–99.94 % of pixels (issue 15 asks ≥ 99.5 %) and depth differs by 0.15–0.16 %
-    on average, under 0.5 % at the 99th percentile (``bench/precision.py``). A CPU without them (AVX2 only; ARM is
+    ``torch.cpu.get_capabilities`` reports them. On such a CPU (an EPYC with AVX512-BF16) our default whole
+    inference at 512² takes 3.14× less CPU time than VPD's fp32 configuration, and on the demo's 200-step
+    checkpoints bf16 label maps agree with fp32 on 99.87 % of pixels (issue 15 asks ≥ 99.5 %) and depth differs by
+    0.18 % on average, 0.58 % at the 99th percentile (``bench/precision.py``; BENCHMARKS.md). A CPU without them (AVX2 only; ARM is
     not measured) emulates bf16 through conversions, 4.5–14× slower than fp32 on the demo models on an AVX2 EPYC,
     so it stays in fp32, as does a torch without the capability query. ``"fp32"`` always runs fp32 (e.g. to
     reproduce fp32 numbers exactly).
