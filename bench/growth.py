@@ -1,7 +1,8 @@
 """How inference cost grows with the input side and the batch size (issue 15's cost-growth table and plot).
 
 Times ``iedp``'s inference call (VAE encoder, implicit CLIP branch with its queries, UNet, FPN head: what
-``iedp predict`` runs per window) with our defaults (our attention processors, iedp's default dtype on the device),
+``iedp predict`` runs per window) with our defaults (our attention processors, iedp's default dtype on the device,
+the model held as ``iedp predict`` holds it: :func:`iedp.engine.inference.for_inference`),
 for every (side, batch) of the grid, cheapest first, in one process: a warm-up call, then the median of
 ``--repeats`` calls. A configuration that runs out of memory, or any left when ``--budget-s`` is spent, is recorded
 as such instead of a time. Writes JSON, a markdown table (median seconds per batch and milliseconds per image) and a
@@ -25,7 +26,7 @@ import torch
 from bench.speed_models import build_parts, build_seg_model, make_batch
 from bench.tables import machine_label
 from bench.timing import dtype_name, machine, stage_call, time_calls
-from iedp.engine.inference import resolve_dtype
+from iedp.engine.inference import for_inference, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -50,7 +51,9 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     parts = build_parts(args.tiny, device, seed=0)
     model = build_seg_model(parts, seed=0, gradient_checkpointing=False, width=16 if args.tiny else 256)
-    dtype = dtype_name(resolve_dtype(None, device))
+    precision = resolve_dtype(None, device)
+    for_inference(model, device, precision)  # held as `iedp predict` holds it: weights and UNet layout
+    dtype = dtype_name(precision)
     grid = sorted(
         ((s, b) for s in args.sides for b in args.batches), key=lambda point: point[0] ** 2 * point[1]
     )

@@ -4,14 +4,23 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from bench import growth
+from iedp.engine.inference import for_inference, resolve_dtype
 
 
-def test_growth_grid_records_every_point_cheapest_first(tmp_path, capsys):
+def test_growth_grid_records_every_point_cheapest_first(tmp_path, capsys, monkeypatch):
+    held = []  # the model is held as `iedp predict` holds it, in the default precision
+    monkeypatch.setattr(
+        growth,
+        "for_inference",
+        lambda model, device, dtype: held.append(dtype) or for_inference(model, device, dtype),
+    )
     growth.main(
         ["--tiny", "--sides", "128", "64", "--batches", "2", "1", "--repeats", "2", "--out", str(tmp_path)]
     )
+    assert held == [resolve_dtype(None, torch.device("cpu"))]
     summary = json.loads((tmp_path / "growth_cpu_tiny.json").read_text())
     points = [(r["side"], r["batch"]) for r in summary["records"]]
     assert points == [(64, 1), (64, 2), (128, 1), (128, 2)]
