@@ -123,7 +123,7 @@ def plot(summary: dict, path: Path) -> bool:
         points = sorted((r["side"], r["ms_per_image"]) for r in measured if r["batch"] == batch_size)
         axes.plot(*zip(*points, strict=True), marker="o", label=f"batch {batch_size}")
     axes.set(xscale="log", yscale="log", xlabel="input side (pixels)", ylabel="ms per image")
-    axes.set_title(f"iedp inference, {machine_label(summary['machine'])}", fontsize=9)
+    axes.set_title(f"iedp inference, {summary['dtype']}, {machine_label(summary['machine'])}", fontsize=9)
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
