@@ -1,5 +1,5 @@
-"""Whole segmentation inference (real-size model, iedp's default precision on the device, 512×512) eager and with ``torch.compile``, side by side in
-one process: the VAE encoder alone (``model.compile_vae``), then the UNet pass too (``model.compile_unet``: the
+"""Whole segmentation inference (real-size model, iedp's default precision on the device, 512×512) eager and
+with ``torch.compile``, side by side in one process: the VAE encoder alone (``model.compile_vae``), then the UNet pass too (``model.compile_unet``: the
 UNet with its feature hooks and class-attention capture as one graph), then the UNet under CUDA graphs
 (``mode="reduce-overhead"``), each at batch 1 (bound by kernel launches) and batch 16 (bound by the GPU).
 

@@ -174,7 +174,8 @@ def measure_variants(
     it hardly depends on what else runs on the machine.
 
     Peak memory is that of the first variant's first call (at least one warm-up call) above the level after
-    set-up and after its switch (its weights in its own dtype); the process must be fresh for it to mean anything, so the other variants get none here.
+    set-up and after its switch (its weights in its own dtype); the process must be fresh for it to mean anything,
+    so the other variants get none here.
     """
     if warmup < 1:
         raise ValueError(f"warmup: {warmup} must be at least 1 (peak memory is taken over the first call)")
