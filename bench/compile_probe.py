@@ -1,7 +1,8 @@
 """Whole segmentation inference (real-size model, iedp's default precision on the device, 512×512) eager and
-with ``torch.compile``, side by side in one process: the VAE encoder alone (``model.compile_vae``), then the UNet pass too (``model.compile_unet``: the
-UNet with its feature hooks and class-attention capture as one graph), then the UNet under CUDA graphs
-(``mode="reduce-overhead"``), each at batch 1 (bound by kernel launches) and batch 16 (bound by the GPU).
+with ``torch.compile``, side by side in one process: the VAE encoder alone (``model.compile_vae``), then the UNet
+pass too (``model.compile_unet``: the UNet with its feature hooks and class-attention capture as one graph),
+then the UNet under CUDA graphs (``mode="reduce-overhead"``), each at batch 1 (bound by kernel launches) and
+batch 16 (bound by the GPU).
 
 Compilation accumulates: each variant keeps the previous one's compiled parts. A variant that fails is recorded
 with its error and the next still runs. Each first call (compilation included) is timed apart from the median of
