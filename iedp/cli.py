@@ -206,9 +206,12 @@ def _add_make_tiny(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_pretrain_tiny(commands: argparse._SubParsersAction) -> None:
+    from iedp.pretrain.config import DEFAULT_PRETRAIN_TIME
+
     p = commands.add_parser(
         "pretrain-tiny",
-        help="pre-train the tiny VAE, CLIP and text-to-image UNet on synthetic scenes into DIR (about 107 minutes on two CPU cores; the package ships the result); a stopped run resumes in the same DIR after its finished stages",
+        help=f"pre-train the tiny VAE, CLIP and text-to-image UNet on synthetic scenes into DIR ({DEFAULT_PRETRAIN_TIME};"
+        " the package ships the result); a stopped run resumes in the same DIR after its finished stages",
     )
     p.add_argument("dir")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (seconds): for tests only")

@@ -1,7 +1,7 @@
 """Settings of the miniature pre-training (tiny VAE, CLIP and text-to-image UNet on synthetic scenes).
 
-The defaults take 107 minutes on two CPU cores (measured 2026-11-28, other jobs beside it); the world they build ships with
-the package, so users never wait for it. :data:`QUICK_CONFIG` runs every stage for a few steps in seconds, for
+The defaults take :data:`DEFAULT_PRETRAIN_TIME`; the world they build ships with the package, so users never wait for
+it. :data:`QUICK_CONFIG` runs every stage for a few steps in seconds, for
 tests. Every field is part of the cache key of ``resolve_weights("tiny-pretrained")``.
 """
 
@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from iedp.errors import InputError
+
+DEFAULT_PRETRAIN_TIME = "58 minutes on two CPU cores with AVX-512, about 4 hours on two with only AVX2"
+"""Wall time of :data:`DEFAULT_CONFIG`'s build: measured on a 2-core AVX512-BF16 EPYC (2026-11-29); the AVX2 figure
+is the per-step times of an earlier build on a 2-core AVX2 EPYC times these step counts."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class PretrainConfig:
     log_every: int = 25  # log the mean loss every this many steps
 
     # (a) VAE: reconstruction (MSE) + a small KL term, on random crops
-    vae_steps: int = 5000
+    vae_steps: int = 12000
     vae_batch: int = 8
     vae_crop: int = 64  # side of the random square crops (a multiple of the VAE's factor 8)
     vae_lr: float = 1e-3
@@ -42,7 +46,7 @@ class PretrainConfig:
     clip_lr: float = 2e-3
 
     # (c) UNet: latent text-to-image diffusion, epsilon prediction, SD's scaled-linear DDPM schedule
-    unet_steps: int = 3500
+    unet_steps: int = 7000
     unet_batch: int = 16
     unet_lr: float = 2e-3
     unet_resolution: int = 128  # image size whose latents the UNet is trained on (renders are resized)

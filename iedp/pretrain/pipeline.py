@@ -47,7 +47,7 @@ from iedp.data.synthetic import RENDERER_VERSION, SYNTHETIC_SCENES, render_scene
 from iedp.errors import InputError
 from iedp.pretrain.classifier import classify, scene_classifier, train_classifier
 from iedp.pretrain.clip import ClipScorer, evaluate_clip, train_clip
-from iedp.pretrain.config import PretrainConfig
+from iedp.pretrain.config import DEFAULT_PRETRAIN_TIME, PretrainConfig
 from iedp.pretrain.data import SceneSet, render_scenes
 from iedp.pretrain.report import reconstruction_grid, sample_grid, to_uint8, write_report
 from iedp.pretrain.text_to_image import Conditioner, denoising_losses, generate, noise_scheduler, train_unet
@@ -123,11 +123,12 @@ def pretrained_tiny_dir(config: PretrainConfig | None = None) -> Path:
             return SHIPPED_DIR
         logger.warning(
             "the shipped tiny world (%s) has key %s, not %s of the current preset, renderer and pre-training "
-            "code: pre-training it again into the cache (107 minutes on two CPU cores; `iedp pretrain-tiny DIR "
-            "--device cuda` takes minutes on a GPU, then use it with model.weights=DIR)",
+            "code: pre-training it again into the cache (%s; `iedp pretrain-tiny DIR --device cuda` takes minutes "
+            "on a GPU, then use it with model.weights=DIR)",
             SHIPPED_DIR,
             shipped,
             key,
+            DEFAULT_PRETRAIN_TIME,
         )
     target = cache_root() / f"tiny-pretrained-{key}"
     return build_cached(target, lambda folder: pretrain_tiny(folder, config), "the pre-trained tiny weights")
