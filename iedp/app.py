@@ -26,7 +26,6 @@ from PIL import Image, ImageDraw
 
 from iedp.api import Pipeline, SegmentationOutput
 from iedp.data.images import read_rgb, write_depth_png
-from iedp.engine.inference import for_inference
 from iedp.errors import InputError
 from iedp.pointcloud import default_focal, depth_to_points, write_ply
 from iedp.visualize import BACKGROUND, TEXT_COLOR, TURBO, beside, heatmap, overlay
@@ -102,11 +101,9 @@ class App:
         if name not in self.sources:
             raise InputError(f"checkpoint {name!r} is not one of {', '.join(self.sources)}")
         if name not in self._loaded:
-            pipeline = Pipeline.from_pretrained(self.sources[name], device=self.device, dtype=self.dtype)
-            # The app never saves what it loads, so it holds the weights as `iedp predict` does: in the inference
-            # precision (in bf16, half the memory, and on a bf16 CPU the faster layout).
-            for_inference(pipeline.model, pipeline.device, pipeline.dtype)
-            self._loaded[name] = pipeline
+            self._loaded[name] = Pipeline.from_pretrained(
+                self.sources[name], device=self.device, dtype=self.dtype
+            )
         return self._loaded[name]
 
     def describe(self, name: str) -> str:

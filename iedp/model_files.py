@@ -42,8 +42,11 @@ def model_state(model: IEDPModel) -> dict:
     }
 
 
-def save_model(model: IEDPModel, config: Config, out_dir: str | Path) -> Path:
-    """Write the checkpoint folder atomically: a crash leaves either the old folder or the new one, never half."""
+def save_model(
+    model: IEDPModel, config: Config, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write the checkpoint folder atomically: a crash leaves either the old folder or the new one, never half.
+    ``state`` replaces :func:`model_state` (the weights the model was loaded from, when it holds a rounded copy)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -59,7 +62,7 @@ def save_model(model: IEDPModel, config: Config, out_dir: str | Path) -> Path:
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        save_file(model_state(model), tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
+        save_file(state or model_state(model), tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         (tmp / CONFIG_NAME).write_text(
             json.dumps(meta, indent=2, sort_keys=True, default=list), encoding="utf-8"
         )

@@ -3,12 +3,14 @@
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import iedp
 from iedp.api import DepthOutput, Pipeline, SegmentationOutput, to_rgb
@@ -16,7 +18,7 @@ from iedp.config import Config, EvalConfig, ModelConfig
 from iedp.data.images import read_depth_png, read_rgb, write_depth_png
 from iedp.engine.predict import predict_paths
 from iedp.errors import InputError
-from iedp.model_files import save_model
+from iedp.model_files import WEIGHTS_NAME, load_model, save_model
 from iedp.models.build import build_model
 
 CLASSES = ["wall", "floor", "ceiling", "bed", "lamp"]
@@ -168,6 +170,37 @@ def test_save_pretrained_round_trip_is_bit_exact_with_model_card(checkpoints, fi
     # the saved folder carries its metrics on: saved again, the card still has them
     again = loaded.save_pretrained(tmp_path / "again")
     assert "| mIoU | 12.5000 |" in (again / "README.md").read_text()
+
+
+def test_pipeline_holds_weights_in_its_precision_and_saves_the_checkpoint_exactly(
+    checkpoints, files, tmp_path, caplog
+):
+    """from_pretrained holds the weights in bf16 as `iedp predict` does, yet save_pretrained writes the checkpoint's
+    own fp32 weights; changed after loading, the weights are saved as held (in fp32) with a warning."""
+    source = checkpoints["seg"]
+    pipeline = Pipeline.from_pretrained(source, device="cpu", dtype="bf16")
+    assert {p.dtype for p in pipeline.model.parameters()} == {torch.bfloat16}
+    assert pipeline.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    model, config = load_model(source)
+    # a model passed in runs as it is held: fp32 weights under bf16 autocast
+    autocast_only = Pipeline(model, config, device="cpu", dtype="bf16")
+    assert next(model.parameters()).dtype == torch.float32
+    held, cast = pipeline(files["odd"]).labels, autocast_only(files["odd"]).labels
+    assert (held == cast).mean() > 0.9 and len(np.unique(cast)) > 1
+
+    original = load_file(source / WEIGHTS_NAME)
+    saved = load_file(pipeline.save_pretrained(tmp_path / "exact") / WEIGHTS_NAME)
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in original)
+
+    with torch.no_grad():
+        pipeline.model.unet.conv_in.bias.add_(1.0)
+    with caplog.at_level(logging.WARNING, logger="iedp.api"):
+        changed = load_file(pipeline.save_pretrained(tmp_path / "changed") / WEIGHTS_NAME)
+    assert "changed since they were loaded" in caplog.text
+    bias = next(k for k in original if k.endswith("unet.conv_in.bias"))
+    assert changed[bias].dtype == torch.float32
+    assert torch.equal(changed[bias], (original[bias].bfloat16() + 1.0).float())
+    assert torch.equal(changed["class_tokens"], original["class_tokens"].bfloat16().float())
 
 
 def test_missing_folder_that_is_no_hub_id_is_one_line(tmp_path, monkeypatch):

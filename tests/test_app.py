@@ -235,17 +235,11 @@ def test_app_refuses_too_large_uploads_in_one_line(server):
 
 
 def test_app_holds_its_models_in_the_inference_precision(server):
-    """The app never saves what it loads, so, like `iedp predict`, it holds the weights in the precision it runs
-    (half the memory in bf16; the UNet in channels_last on a CPU in bf16), and predicts as autocast alone would,
-    to bf16 rounding."""
+    """The app loads through the API, which holds the weights in the precision it runs, as `iedp predict` does
+    (half the memory in bf16; the UNet in channels_last on a CPU in bf16)."""
     from iedp.app import App
 
-    image = server["root"] / "room.png"
     app = App([server["root"] / "seg"], device="cpu", dtype="bf16")
     model = app.pipeline("seg").model
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    loaded = Pipeline.from_pretrained(server["root"] / "seg", device="cpu", dtype="bf16")
-    assert next(loaded.model.parameters()).dtype == torch.float32  # the API keeps the weights as loaded
-    held, autocast_only = app.pipeline("seg")(image).labels, loaded(image).labels
-    assert (held == autocast_only).mean() > 0.9 and len(np.unique(autocast_only)) > 1  # measured: 98.7 %
