@@ -33,6 +33,8 @@ Configurations (``--parts defaults``), everything a user's choice changes at onc
   (:func:`iedp.engine.inference.unet_channels_last`: channels_last on a CPU in bf16). Probes outside ``--parts
   defaults``: ``--worker --stage unet,inference --variant
   ours-default-unet-contiguous,ours-default-unet-channels-last`` times the two call by call.
+- ``ours-default-fp32-weights``: ``ours-default``'s autocast over weights kept in fp32 (UNet contiguous), as a
+  :class:`iedp.api.Pipeline` runs a model passed in; ``iedp.load`` holds them as ``ours-default`` does.
 
 The architectures are real size (SD v1.5 UNet and VAE, CLIP ViT-L/14 towers) with random weights from a fixed
 seed, so nothing is downloaded; ``--tiny`` uses the tiny preset instead (tests). The CLIP tokenizer is the tiny

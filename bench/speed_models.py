@@ -43,7 +43,7 @@ VARIANTS = ("ours", "baseline")  # attention alone; dtype and memory format as t
 
 class Configuration(NamedTuple):
     """Everything a user's choice changes at once. The weights are held in the autocast dtype, as
-    ``iedp predict`` holds them (``for_inference``)."""
+    ``iedp predict`` holds them (``for_inference``), unless ``weights_dtype`` says otherwise."""
 
     attention: str  # a VARIANTS entry: our processors or the classic ones
     dtype: str | None  # autocast dtype; None: iedp's default on the device
@@ -51,6 +51,7 @@ class Configuration(NamedTuple):
     vae_slicing: bool
     # The UNet's weights (and so its activations) in channels_last; None: iedp's default for the device and dtype
     unet_channels_last: bool | None = None
+    weights_dtype: str | None = None  # the dtype the weights are held in; None: the autocast dtype
 
 
 CONFIGURATIONS = {
@@ -59,6 +60,10 @@ CONFIGURATIONS = {
     "ours-default-contiguous": Configuration("ours", None, False, True),
     "ours-default-unet-channels-last": Configuration("ours", None, None, True, unet_channels_last=True),
     "ours-default-unet-contiguous": Configuration("ours", None, None, True, unet_channels_last=False),
+    # ours-default's autocast over fp32 weights: a Pipeline over a model passed in (and iedp.load before 2026-11-29)
+    "ours-default-fp32-weights": Configuration(
+        "ours", None, None, True, unet_channels_last=False, weights_dtype="fp32"
+    ),
 }
 PROMPT = "a photo of a wall, floor, ceiling, bed and lamp"  # an explicit-branch label prompt
 
@@ -256,7 +261,7 @@ class AttentionVariants:
             attention, channels_last = configuration.attention, configuration.vae_channels_last
             device = next(self.model.parameters()).device
             dtype = resolve_dtype(configuration.dtype, device)
-            self.model.to(dtype=dtype)
+            self.model.to(dtype=resolve_dtype(configuration.weights_dtype or dtype, device))
             self.vae.enable_slicing() if configuration.vae_slicing else self.vae.disable_slicing()
             unet_channels_last = configuration.unet_channels_last
             if unet_channels_last is None:

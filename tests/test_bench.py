@@ -268,6 +268,26 @@ def test_peak_memory_floor_is_taken_after_the_first_configuration_casts_its_weig
     assert records["ours-default"]["memory"]["base_bytes"] > 0 and records["vpd-config"]["memory"] is None
 
 
+def test_a_configuration_may_keep_fp32_weights_under_its_autocast(monkeypatch):
+    """``ours-default-fp32-weights`` times ours-default's autocast over fp32 weights (a Pipeline over a model passed
+    in): switching to it casts the weights back to fp32, while the autocast stays the default's."""
+    from bench import speed_models
+
+    held = speed_models.Configuration("ours", "bf16", False, True)
+    kept = speed_models.Configuration("ours", "bf16", False, True, weights_dtype="fp32")
+    monkeypatch.setitem(speed_models.CONFIGURATIONS, "held", held)
+    monkeypatch.setitem(speed_models.CONFIGURATIONS, "kept", kept)
+    model = speed_models.build_seg_model(speed_models.build_parts(True, torch.device("cpu"), 0), 0, False, 16)
+    variants = speed_models.AttentionVariants(model)
+    variants.use("held")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    variants.use("kept")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    default, api = (speed_models.CONFIGURATIONS[k] for k in ("ours-default", "ours-default-fp32-weights"))
+    assert api.weights_dtype == "fp32"
+    assert api._replace(weights_dtype=None, unet_channels_last=None) == default
+
+
 def test_compile_probe_dry_run_measures_each_variant_in_the_default_precision(tmp_path):
     """bench/compile_probe.py on the tiny preset with the eager backend: the same code as on a GPU, in iedp's
     default precision on this device (bf16 on a CPU with bf16 instructions, else fp32)."""
