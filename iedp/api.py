@@ -256,7 +256,10 @@ class Pipeline:
 
     def to(self, device: str | torch.device) -> Pipeline:
         self.device = resolve_device(device)
-        self.model.to(self.device)
+        if self._checkpoint is None:  # a model passed in: moved as it is held
+            self.model.to(self.device)
+        else:  # held for inference: in the UNet layout of the new device too
+            for_inference(self.model, self.device, self.dtype)
         return self
 
     # -- inference ------------------------------------------------------------------------------------------------

@@ -181,6 +181,9 @@ def test_pipeline_holds_weights_in_its_precision_and_saves_the_checkpoint_exactl
     pipeline = Pipeline.from_pretrained(source, device="cpu", dtype="bf16")
     assert {p.dtype for p in pipeline.model.parameters()} == {torch.bfloat16}
     assert pipeline.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    pipeline.to("cpu")  # moved, it stays held for inference
+    assert pipeline.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert next(pipeline.model.parameters()).dtype == torch.bfloat16
     model, config = load_model(source)
     # a model passed in runs as it is held: fp32 weights under bf16 autocast
     autocast_only = Pipeline(model, config, device="cpu", dtype="bf16")

@@ -366,6 +366,8 @@ def test_for_inference_reorders_the_unet_to_channels_last_only_on_a_cpu_in_bf16(
     assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(model.unet.conv_in.weight, values)
     assert not model.backbone.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for_inference(model, CPU, torch.float32)  # held again for another device or dtype: contiguous again
+    assert model.unet.conv_in.weight.is_contiguous()
 
 
 def test_precision_bench_compares_the_two_dtypes_as_evaluate_holds_the_model(

@@ -176,12 +176,13 @@ def for_inference(model: IEDPModel, device: torch.device, dtype: torch.dtype) ->
     Under autocast each matmul and convolution casts its fp32 weight to ``dtype`` at every call and keeps the copy
     until the call ends, so fp32 weights cost their own memory plus a ``dtype`` copy. Held in ``dtype`` once, they
     cost half of the first and none of the second, and those ops compute exactly as before; only the few
-    parameters autocast leaves in fp32 (normalisation scales and shifts) are rounded. Where
-    :func:`unet_channels_last` says so, the UNet's weights are also reordered to channels_last.
+    parameters autocast leaves in fp32 (normalisation scales and shifts) are rounded. The UNet's weights are
+    reordered to channels_last where :func:`unet_channels_last` says so, and back to contiguous elsewhere (a model
+    held for a bf16 CPU, then moved to a GPU).
     """
     model.eval().to(device=device, dtype=dtype)
-    if unet_channels_last(device, dtype):
-        model.unet.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if unet_channels_last(device, dtype) else torch.contiguous_format
+    model.unet.to(memory_format=layout)
     return model
 
 
