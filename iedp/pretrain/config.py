@@ -1,8 +1,8 @@
 """Settings of the miniature pre-training (tiny VAE, CLIP and text-to-image UNet on synthetic scenes).
 
 The defaults take :data:`DEFAULT_PRETRAIN_TIME`; the world they build ships with the package, so users never wait for
-it. :data:`QUICK_CONFIG` runs every stage for a few steps in seconds, for
-tests. Every field is part of the cache key of ``resolve_weights("tiny-pretrained")``.
+it. :data:`QUICK_CONFIG` runs every stage for a few steps in seconds, for tests. Every field is part of the cache key
+of ``resolve_weights("tiny-pretrained")``.
 """
 
 from __future__ import annotations
