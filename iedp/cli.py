@@ -50,8 +50,15 @@ def _make_tiny(args: argparse.Namespace) -> int:
 def _pretrain_tiny(args: argparse.Namespace) -> int:
     from iedp.config import with_overrides
     from iedp.engine.inference import resolve_device
-    from iedp.pretrain import DEFAULT_CONFIG, QUICK_CONFIG, pretrain_tiny
+    from iedp.pretrain import DEFAULT_CONFIG, QUICK_CONFIG, pretrain_tiny, refresh_denoising
 
+    if args.refresh_denoising:
+        if args.quick or args.set:
+            raise InputError(
+                "--refresh-denoising: takes its settings from DIR's report; drop --quick and --set"
+            )
+        print(refresh_denoising(args.dir))
+        return 0
     config = with_overrides(QUICK_CONFIG if args.quick else DEFAULT_CONFIG, args.set)
     print(pretrain_tiny(args.dir, config, args.workers, resolve_device(args.device)))
     return 0
@@ -235,6 +242,12 @@ def _add_pretrain_tiny(commands: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="a pre-training setting, repeatable (a field of iedp.pretrain.PretrainConfig, e.g. vae_steps=20000); "
         "the folder's cache key and report record the settings",
+    )
+    p.add_argument(
+        "--refresh-denoising",
+        action="store_true",
+        help="train nothing: recompute the held-out denoising figures of the world already in DIR with this code and "
+        "rewrite its report (seconds; for a report written by an older version)",
     )
     p.set_defaults(func=_pretrain_tiny)
 

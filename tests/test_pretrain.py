@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,16 @@ def test_report_lists_the_evidence(pretrained, report):
         assert 0 <= report["clip"]["trained"][key] <= 1
     assert report["clip"]["trained"]["gallery"] == QUICK_CONFIG.retrieval_gallery
     assert set(report["unet"]["denoising_mse"]) == {"caption", "scene_only", "empty", "wrong_scene"}
+    bands = report["unet"]["denoising_by_timestep"]
+    assert [b["timesteps"] for b in bands] == [[0, 249], [250, 499], [500, 749], [750, 999]]
+    # the bands split the same draws: their sizes add up, their shares sum to one, and their MSEs, weighted by
+    # size, average to the overall figure
+    samples = np.array([b["samples"] for b in bands])
+    assert samples.sum() == QUICK_CONFIG.num_heldout * QUICK_CONFIG.denoise_draws
+    assert sum(b["share_of_error"] for b in bands) == pytest.approx(1.0)
+    for context, overall in report["unet"]["denoising_mse"].items():
+        by_band = np.array([b[context] for b in bands])
+        assert (samples[samples > 0] * by_band[samples > 0]).sum() / samples.sum() == pytest.approx(overall)
     assert 0 <= report["unet"]["sample_zero_shot_accuracy"] <= 1
     assert 0 <= report["unet"]["sample_classifier_accuracy"] <= 1
     assert 0 <= report["classifier"]["heldout_accuracy"] <= 1
@@ -107,6 +118,7 @@ def test_report_lists_the_evidence(pretrained, report):
         "R@1",
         "P@5",
         "noise-prediction MSE",
+        "| 750–999 |",
         "samples.png",
         "classifier",
     ):
@@ -227,6 +239,36 @@ def test_cli_writes_the_folder(tmp_path, capsys):
     changed = dataclasses.replace(QUICK_CONFIG, unet_steps=5, snr_gamma=None)
     assert report["config"] == dataclasses.asdict(changed) and report["key"] == cache_key(changed)
     assert len(report["losses"]["unet"]) == 5
+
+
+def test_refresh_denoising_recomputes_the_same_figures_without_training(pretrained, report, tmp_path, capsys):
+    world = tmp_path / "world"
+    shutil.copytree(pretrained, world)
+    stale = json.loads((world / "report.json").read_text())
+    del stale["unet"]["denoising_by_timestep"]  # as a report of older code
+    stale["unet"]["denoising_mse"] = dict.fromkeys(stale["unet"]["denoising_mse"], 1.0)
+    (world / "report.json").write_text(json.dumps(stale))
+    weights = (world / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert main(["pretrain-tiny", str(world), "--refresh-denoising"]) == 0
+    assert capsys.readouterr().out.strip() == str(world)
+    refreshed = json.loads((world / "report.json").read_text())
+    assert refreshed["unet"]["denoising_mse"] == pytest.approx(report["unet"]["denoising_mse"], rel=1e-5)
+    assert refreshed["unet"]["denoising_by_timestep"] == pytest.approx(
+        report["unet"]["denoising_by_timestep"]
+    )
+    assert {k: v for k, v in refreshed.items() if k != "unet"} == {
+        k: v for k, v in stale.items() if k != "unet"
+    }
+    assert (world / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    assert "| 0–249 |" in (world / "report.md").read_text()
+
+
+def test_refresh_denoising_needs_a_report(tmp_path, capsys):
+    assert main(["pretrain-tiny", str(tmp_path), "--refresh-denoising"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "report.json: no report to refresh" in error and len(error.splitlines()) == 1
+    assert main(["pretrain-tiny", str(tmp_path), "--refresh-denoising", "--quick"]) == 2
+    assert "drop --quick and --set" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

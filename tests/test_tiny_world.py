@@ -7,6 +7,7 @@ from pathlib import Path
 
 from iedp.pretrain import DEFAULT_CONFIG, cache_key, pipeline
 from iedp.pretrain.pipeline import SHIPPED_DIR, stored_key
+from iedp.pretrain.report import markdown
 from iedp.weights import load_clip, load_stable_diffusion, make_tiny, resolve_weights
 
 MAX_BYTES = 25 * 2**20
@@ -22,6 +23,9 @@ def test_shipped_world_matches_the_current_code():
     report = json.loads((SHIPPED_DIR / "report.json").read_text())
     assert report["key"] == stored_key(SHIPPED_DIR)
     assert report["config"] == json.loads(json.dumps(dataclasses.asdict(DEFAULT_CONFIG)))
+    # its report reads as the current report code writes it (after a change there: `iedp pretrain-tiny
+    # iedp/resources/tiny_world --refresh-denoising` where only the denoising figures are new, else a rebuild)
+    assert (SHIPPED_DIR / "report.md").read_text(encoding="utf-8") == markdown(report)
 
 
 def test_shipped_world_has_the_tiny_preset_layout(tmp_path):

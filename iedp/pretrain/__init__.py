@@ -6,7 +6,13 @@ folder; ``pretrained_tiny_dir(config)`` builds that folder once into the cache (
 """
 
 from iedp.pretrain.config import QUICK_CONFIG, PretrainConfig
-from iedp.pretrain.pipeline import DEFAULT_CONFIG, cache_key, pretrain_tiny, pretrained_tiny_dir
+from iedp.pretrain.pipeline import (
+    DEFAULT_CONFIG,
+    cache_key,
+    pretrain_tiny,
+    pretrained_tiny_dir,
+    refresh_denoising,
+)
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -15,4 +21,5 @@ __all__ = [
     "cache_key",
     "pretrain_tiny",
     "pretrained_tiny_dir",
+    "refresh_denoising",
 ]

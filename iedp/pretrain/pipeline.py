@@ -557,7 +557,7 @@ def _evaluate_unet(
     """
     size, scaling_factor = config.unet_resolution, vae.config.scaling_factor
     heldout_latents, _ = encode_latents(vae, heldout, size)
-    denoising = denoising_losses(
+    denoising, bands = denoising_losses(
         unet, heldout_latents, scaling_factor, heldout, conditioner, config.denoise_draws, config.seed
     )
     prompts = [scene_prompt(scene) for scene in SYNTHETIC_SCENES for _ in range(config.samples_per_scene)]
@@ -592,11 +592,40 @@ def _evaluate_unet(
     )
     return {
         "denoising_mse": denoising,
+        "denoising_by_timestep": bands,
         "samples_per_scene": config.samples_per_scene,
         "sample_classifier_accuracy": classifier_accuracy,
         "sample_zero_shot_accuracy": sample_accuracy,
         "reconstruction_zero_shot_accuracy": reconstruction_accuracy,
     }
+
+
+def refresh_denoising(folder: str | Path) -> Path:
+    """Recompute the held-out denoising figures (:func:`denoising_losses`) of the world in ``folder`` with the
+    current code and the settings its report records, and rewrite its report; the weights and every other figure
+    stay. These figures need no training, so a report written by older code can gain them in seconds."""
+    folder = Path(folder)
+    path = folder / "report.json"
+    if not path.is_file():
+        raise InputError(f"{path}: no report to refresh (not a folder written by iedp pretrain-tiny)")
+    report = json.loads(path.read_text(encoding="utf-8"))
+    config = PretrainConfig(**report["config"])
+    heldout = render_scenes("val", config.num_heldout, config.resolution, config.data_seed)
+    unet, vae = load_stable_diffusion(str(folder))
+    scorer = _scorer(folder / "clip", heldout.images.device)
+    latents, _ = encode_latents(vae, heldout, config.unet_resolution)
+    report["unet"]["denoising_mse"], report["unet"]["denoising_by_timestep"] = denoising_losses(
+        unet,
+        latents,
+        vae.config.scaling_factor,
+        heldout,
+        Conditioner(scorer.text, scorer.tokenizer),
+        config.denoise_draws,
+        config.seed,
+    )
+    write_report(folder, report)
+    logger.info("refreshed the denoising figures of %s", path)
+    return folder
 
 
 def _grid_rows(

@@ -182,6 +182,7 @@ def _unet_section(report: dict[str, Any]) -> list[str]:
         f"| {unet['denoising_mse']['caption']:.4f} | {unet['denoising_mse']['scene_only']:.4f} "
         f"| {unet['denoising_mse']['empty']:.4f} | {unet['denoising_mse']['wrong_scene']:.4f} |",
         "",
+        *_timestep_bands(unet["denoising_by_timestep"]),
         f'Generated images: {unet["samples_per_scene"]} per scene type from "a photo of a {{scene}}" '
         f"({config['sample_steps']} DDIM steps, guidance scale {config['guidance_scale']}), decoded by the VAE. "
         f"An independent scene classifier (a small CNN trained on the training renders, no CLIP; held-out "
@@ -193,6 +194,25 @@ def _unet_section(report: dict[str, Any]) -> list[str]:
         f"{clip['trained']['zero_shot_accuracy']:.3f} as rendered, "
         f"{unet['reconstruction_zero_shot_accuracy']:.3f} once encoded and decoded by the VAE, as the samples "
         "are). Grid: `samples.png`, one real held-out scene first in each row.",
+        "",
+    ]
+
+
+def _timestep_bands(bands: list[dict[str, Any]]) -> list[str]:
+    """The denoising comparison within ranges of timesteps, and how much each range weighs in the overall one."""
+    rows = [
+        f"| {b['timesteps'][0]}–{b['timesteps'][1]} | {b['samples']} | {b['caption']:.4f} | {b['wrong_scene']:.4f} "
+        f"| {100 * (1 - b['caption'] / b['wrong_scene']):.1f}% | {100 * b['share_of_error']:.0f}% |"
+        for b in bands
+    ]
+    return [
+        "The same comparison within ranges of timesteps (0 is the clean latent), with each range's share of the "
+        "summed own-caption error: the ranges that weigh most decide the margin above.",
+        "",
+        "| timesteps | samples | own caption | caption of another scene type | own lower by | share of the summed "
+        "own-caption error |",
+        "|---|---|---|---|---|---|",
+        *rows,
         "",
     ]
 

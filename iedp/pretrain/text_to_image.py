@@ -10,10 +10,10 @@ IEDP's explicit branch, which feeds the same token sequence, meets the UNet in t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
@@ -122,6 +122,10 @@ def train_unet(
     return losses
 
 
+TIMESTEP_BANDS = 4
+"""Equal ranges of the 1000 training timesteps that :func:`denoising_losses` also reports the MSE in."""
+
+
 @torch.no_grad()
 def denoising_losses(
     unet: UNet2DConditionModel,
@@ -131,12 +135,15 @@ def denoising_losses(
     conditioner: Conditioner,
     draws: int,
     seed: int,
-) -> dict[str, float]:
-    """Held-out noise-prediction MSE under four contexts, on the same noise and timesteps.
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Held-out noise-prediction MSE under four contexts, on the same noise and timesteps: over all timesteps, and
+    within each of :data:`TIMESTEP_BANDS` equal timestep ranges.
 
     ``caption``: the scene's own canonical caption (and class tokens); ``scene_only``: "a photo of a {scene}";
     ``empty``: ""; ``wrong_scene``: the caption of the next held-out scene of another type. A UNet that uses
-    the text does worst with ``wrong_scene``.
+    the text does worst with ``wrong_scene``. Each band gives its ``timesteps`` (first, last), its ``samples``,
+    each context's MSE, and ``share_of_error``: its part of the summed own-caption error (the nearly clean
+    timesteps weigh most, so they decide the overall figure).
     """
     scheduler = noise_scheduler()
     generator = torch.Generator().manual_seed(seed)
@@ -152,16 +159,38 @@ def denoising_losses(
         "wrong_scene": conditioner([canonical_caption(scenes, j) for j in other]),
     }
     clean = latent_means * scaling_factor
-    totals = dict.fromkeys(contexts, 0.0)
+    drawn, errors = [], {key: [] for key in contexts}
     for _ in range(draws):
         noise = torch.randn(clean.shape, generator=generator).to(clean.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator)
-        timesteps = timesteps.to(clean.device)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
+        drawn.append(timesteps)
+        noisy = scheduler.add_noise(clean, noise, timesteps.to(clean.device))
         for key, context in contexts.items():
-            prediction = unet(noisy, timesteps, context).sample
-            totals[key] += F.mse_loss(prediction, noise).item() / draws
-    return totals
+            prediction = unet(noisy, timesteps.to(clean.device), context).sample
+            errors[key].append((prediction - noise).pow(2).mean(dim=(1, 2, 3)).cpu())
+    timesteps = torch.cat(drawn)
+    per_sample = {key: torch.cat(values).double() for key, values in errors.items()}
+    return {key: e.mean().item() for key, e in per_sample.items()}, _timestep_bands(
+        timesteps, per_sample, scheduler.config.num_train_timesteps
+    )
+
+
+def _timestep_bands(
+    timesteps: torch.Tensor, per_sample: dict[str, torch.Tensor], num_timesteps: int
+) -> list[dict[str, Any]]:
+    """The per-sample errors of :func:`denoising_losses` summarised within each timestep band."""
+    edges = np.linspace(0, num_timesteps, TIMESTEP_BANDS + 1).round().astype(int)
+    total = per_sample["caption"].sum().item()
+    bands = []
+    for first, end in zip(edges[:-1], edges[1:], strict=True):
+        inside = (timesteps >= first) & (timesteps < end)
+        band = {"timesteps": [int(first), int(end) - 1], "samples": int(inside.sum())}
+        band |= {
+            key: e[inside].mean().item() if inside.any() else float("nan") for key, e in per_sample.items()
+        }
+        band["share_of_error"] = per_sample["caption"][inside].sum().item() / total
+        bands.append(band)
+    return bands
 
 
 @torch.no_grad()
