@@ -239,8 +239,8 @@ def demo_workers() -> int:
 
 def _expected_cost(run: tuple[str, str], steps: int) -> float:
     """Relative CPU time of a demo run of ``steps`` steps: seconds per step on one core, evaluation included, from
-    the demo's report of 2026-11-28 (the tiny world, cached latents, two runs side by side)."""
-    per_step = {("depth", "iedp"): 1.8, ("depth", "vpd"): 0.86, ("seg", "iedp"): 1.0, ("seg", "vpd"): 0.59}
+    the recipe's runs of 2026-11-29 (AVX-512 EPYC, the tiny world, cached latents, two runs side by side)."""
+    per_step = {("depth", "iedp"): 0.33, ("depth", "vpd"): 0.18, ("seg", "iedp"): 0.25, ("seg", "vpd"): 0.14}
     return per_step.get(run, 1.0) * steps
 
 
