@@ -123,15 +123,17 @@ def pretrained_tiny_dir(config: PretrainConfig | None = None) -> Path:
             return SHIPPED_DIR
         logger.warning(
             "the shipped tiny world (%s) has key %s, not %s of the current preset, renderer and pre-training "
-            "code: pre-training it again into the cache (%s; `iedp pretrain-tiny DIR --device cuda` takes minutes "
-            "on a GPU, then use it with model.weights=DIR)",
+            "code: pre-training it again into the cache (%s; if stopped, the next use resumes it; `iedp "
+            "pretrain-tiny DIR --device cuda` takes minutes on a GPU, then use it with model.weights=DIR)",
             SHIPPED_DIR,
             shipped,
             key,
             DEFAULT_PRETRAIN_TIME,
         )
     target = cache_root() / f"tiny-pretrained-{key}"
-    return build_cached(target, lambda folder: pretrain_tiny(folder, config), "the pre-trained tiny weights")
+    return build_cached(
+        target, lambda folder: pretrain_tiny(folder, config), "the pre-trained tiny weights", resumable=True
+    )
 
 
 def pretrain_tiny(
