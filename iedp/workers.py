@@ -35,6 +35,17 @@ def one_thread_per_worker() -> Iterator[None]:
             os.environ["OMP_NUM_THREADS"] = previous
 
 
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Runs the block with ``count`` intra-op threads in this process; restores the previous count afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def start_worker(level: int) -> None:
     """Initialiser of a worker process: one intra-op thread and the parent's log level, its lines timed (as the
     CLI's) and tagged with its process id."""

@@ -13,6 +13,7 @@ from iedp.engine.latents import WithLatents, cached_latents, cached_scenes, late
 from iedp.engine.train import train
 from iedp.errors import InputError
 from iedp.models.build import build_model
+from iedp.workers import intra_op_threads
 from tests.test_train import config
 
 
@@ -28,8 +29,9 @@ def test_cached_latents_give_the_same_loss_and_gradients(tmp_path):
     for inputs in (batch, {k: v for k, v in batch.items() if k != "latents"}):
         model.zero_grad()
         torch.manual_seed(1)  # the same dropout masks
-        loss = model.loss(inputs)["loss"]
-        loss.backward()
+        with intra_op_threads(1):  # as the cached latents were encoded: only the batch size differs
+            loss = model.loss(inputs)["loss"]
+            loss.backward()
         results.append(
             (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         )
@@ -107,6 +109,25 @@ def test_latents_are_encoded_once_and_keyed_by_vae_and_images(tmp_path, monkeypa
     with torch.no_grad():
         next(backbone.vae.parameters()).add_(1e-3)
     assert latents_folder(backbone, seg, tmp_path) != before
+
+
+def test_latents_are_encoded_with_one_thread_whatever_the_caller_has(tmp_path, monkeypatch):
+    """Thread counts round the VAE's convolutions differently, so the cache must not depend on who encoded it."""
+    backbone = build_model(config(tmp_path, "data.augment=false").model).backbone
+    scenes = SyntheticScenes("seg", "train", size=3, resolution=64, seed=3)
+    threads = []
+    encode = backbone.encode
+    monkeypatch.setattr(
+        backbone, "encode", lambda images: threads.append(torch.get_num_threads()) or encode(images)
+    )
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        latents_module.encode_images(backbone, scenes, batch=2)
+        assert threads == [1, 1] and torch.get_num_threads() == 2  # the caller's count is back afterwards
+    finally:
+        torch.set_num_threads(previous)
+    assert "thread" in latents_module.ENCODING  # part of the key: caches encoded otherwise are not reused
 
 
 def test_augmented_images_have_no_fixed_latents(tmp_path):

@@ -54,7 +54,7 @@ from iedp.pretrain.text_to_image import Conditioner, denoising_losses, generate,
 from iedp.pretrain.vae import encode_latents, evaluate_vae, latent_scaling_factor, train_vae
 from iedp.weights.loaders import load_clip, load_stable_diffusion
 from iedp.weights.tiny import TINY_VERSION, make_tiny
-from iedp.workers import one_thread_per_worker, start_worker, usable_cores
+from iedp.workers import intra_op_threads, one_thread_per_worker, start_worker, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +165,7 @@ def pretrain_tiny(
     if device.type != "cpu":
         return _pretrain(Path(out_dir), config, None, device, workers or usable_cores())
     workers = min(2, usable_cores()) if workers is None else workers
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(_NUM_THREADS)
-    try:
+    with intra_op_threads(_NUM_THREADS):
         if workers < 2:
             return _pretrain(Path(out_dir), config, None, device, 1)
         level = logging.getLogger().getEffectiveLevel()
@@ -177,8 +175,6 @@ def pretrain_tiny(
             ProcessPoolExecutor(1, mp_context=context, initializer=start_worker, initargs=(level,)) as pool,
         ):
             return _pretrain(Path(out_dir), config, pool, device, workers)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _start(pool: ProcessPoolExecutor | None, job: Callable[..., Any], *args: Any) -> Future:
