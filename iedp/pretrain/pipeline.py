@@ -611,16 +611,17 @@ def refresh_denoising(folder: str | Path) -> Path:
     heldout = render_scenes("val", config.num_heldout, config.resolution, config.data_seed)
     unet, vae = load_stable_diffusion(str(folder))
     scorer = _scorer(folder / "clip", heldout.images.device)
-    latents, _ = encode_latents(vae, heldout, config.unet_resolution)
-    report["unet"]["denoising_mse"], report["unet"]["denoising_by_timestep"] = denoising_losses(
-        unet,
-        latents,
-        vae.config.scaling_factor,
-        heldout,
-        Conditioner(scorer.text, scorer.tokenizer),
-        config.denoise_draws,
-        config.seed,
-    )
+    with intra_op_threads(_NUM_THREADS):  # as pre-training ran: the same rounding, the same figures
+        latents, _ = encode_latents(vae, heldout, config.unet_resolution)
+        report["unet"]["denoising_mse"], report["unet"]["denoising_by_timestep"] = denoising_losses(
+            unet,
+            latents,
+            vae.config.scaling_factor,
+            heldout,
+            Conditioner(scorer.text, scorer.tokenizer),
+            config.denoise_draws,
+            config.seed,
+        )
     write_report(folder, report)
     logger.info("refreshed the denoising figures of %s", path)
     return folder
