@@ -182,7 +182,7 @@ def _unet_section(report: dict[str, Any]) -> list[str]:
         f"| {unet['denoising_mse']['caption']:.4f} | {unet['denoising_mse']['scene_only']:.4f} "
         f"| {unet['denoising_mse']['empty']:.4f} | {unet['denoising_mse']['wrong_scene']:.4f} |",
         "",
-        *_timestep_bands(unet["denoising_by_timestep"]),
+        *_timestep_band_rows(unet["denoising_by_timestep"]),
         f'Generated images: {unet["samples_per_scene"]} per scene type from "a photo of a {{scene}}" '
         f"({config['sample_steps']} DDIM steps, guidance scale {config['guidance_scale']}), decoded by the VAE. "
         f"An independent scene classifier (a small CNN trained on the training renders, no CLIP; held-out "
@@ -198,7 +198,7 @@ def _unet_section(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def _timestep_bands(bands: list[dict[str, Any]]) -> list[str]:
+def _timestep_band_rows(bands: list[dict[str, Any]]) -> list[str]:
     """The denoising comparison within ranges of timesteps, and how much each range weighs in the overall one."""
     rows = [
         f"| {b['timesteps'][0]}–{b['timesteps'][1]} | {b['samples']} | {b['caption']:.4f} | {b['wrong_scene']:.4f} "
