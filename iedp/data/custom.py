@@ -49,12 +49,8 @@ from iedp.data.folders import (
     size_problem,
 )
 from iedp.data.images import IGNORE_INDEX, _open_decoded, check_same_size, read_rgb
-from iedp.data.prompts import scene_prompt
-from iedp.data.transforms import (
-    DepthTrainTransform,
-    SegTrainTransform,
-    depth_test_transform,
-)
+from iedp.data.nyu import depth_sample
+from iedp.data.transforms import DepthTrainTransform, SegTrainTransform
 from iedp.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -380,17 +376,4 @@ class CustomDepth(Dataset):
         image = read_rgb(image_path)
         depth = read_depth(depth_path, self.depth_scale)
         check_same_size(image, image_path, depth, depth_path)
-        if self.augment:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            image_tensor, depth_tensor = self.transform(image, depth, rng)
-        else:
-            image_tensor, depth_tensor = depth_test_transform(image, depth)
-        scene = self.scenes[index]
-        return {
-            "image": image_tensor,
-            "depth": depth_tensor,
-            "scene": scene,
-            "scene_id": self.scene_names.index(scene) if scene in self.scene_names else -1,
-            "prompt": scene_prompt(scene),
-            "name": key.replace("/", "_"),
-        }
+        return depth_sample(self, index, image, depth, key.replace("/", "_"))

@@ -19,14 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from iedp.data.folders import raise_if_problems, read_depth, read_scene_table, scene_problems
 from iedp.data.images import check_same_size, read_rgb
-from iedp.data.prompts import scene_prompt
-from iedp.data.transforms import DepthTrainTransform, depth_test_transform
+from iedp.data.nyu import depth_sample
+from iedp.data.transforms import DepthTrainTransform
 from iedp.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -156,18 +155,6 @@ class KittiDepth(Dataset):
         except ValueError as err:
             raise InputError(f"{entry.rgb}: {err}") from None
         image, depth = image[box], depth[box]
-        if self.augment:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            image_tensor, depth_tensor = self.transform(image, depth, rng)
-        else:
-            image_tensor, depth_tensor = depth_test_transform(image, depth)
-        scene = self.scenes[index]
         camera = entry.rgb.parent.parent.name
-        return {
-            "image": image_tensor,
-            "depth": depth_tensor,
-            "scene": scene,
-            "scene_id": self.scene_names.index(scene) if scene in self.scene_names else -1,
-            "prompt": scene_prompt(scene),
-            "name": f"{entry.drive or entry.rgb.parent.parent.parent.name}_{camera}_{entry.rgb.stem}",
-        }
+        name = f"{entry.drive or entry.rgb.parent.parent.parent.name}_{camera}_{entry.rgb.stem}"
+        return depth_sample(self, index, image, depth, name)

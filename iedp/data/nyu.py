@@ -138,17 +138,28 @@ class NYUDepthV2(Dataset):
         image = read_rgb(entry.rgb)
         depth = read_depth_png(entry.depth)
         check_same_size(image, entry.rgb, depth, entry.depth)
-        if self.augment:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            image_tensor, depth_tensor = self.transform(image, depth, rng)
-        else:
-            image_tensor, depth_tensor = depth_test_transform(image, depth)
-        scene = self.scenes[index]
-        return {
-            "image": image_tensor,
-            "depth": depth_tensor,
-            "scene": scene,
-            "scene_id": self.scene_names.index(scene) if scene else -1,
-            "prompt": scene_prompt(scene),
-            "name": f"{entry.rgb.parent.name}_{entry.rgb.stem}",
-        }
+        return depth_sample(self, index, image, depth, f"{entry.rgb.parent.name}_{entry.rgb.stem}")
+
+
+def depth_sample(
+    dataset, index: int, image: np.ndarray, depth: np.ndarray, name: str
+) -> dict[str, torch.Tensor | str | int]:
+    """One depth sample of a dataset of real frames (NYUv2, KITTI, your own folders): the seeded training
+    augmentation (per seed, epoch and index) or the test transform, the frame's scene, its id (-1 when it is not
+    one of the model's scenes) and its prompt.
+
+    ``dataset`` provides ``augment``, ``seed``, ``epoch``, ``transform``, ``scenes`` and ``scene_names``."""
+    if dataset.augment:
+        rng = np.random.default_rng((dataset.seed, dataset.epoch, index))
+        image_tensor, depth_tensor = dataset.transform(image, depth, rng)
+    else:
+        image_tensor, depth_tensor = depth_test_transform(image, depth)
+    scene = dataset.scenes[index]
+    return {
+        "image": image_tensor,
+        "depth": depth_tensor,
+        "scene": scene,
+        "scene_id": dataset.scene_names.index(scene) if scene in dataset.scene_names else -1,
+        "prompt": scene_prompt(scene),
+        "name": name,
+    }

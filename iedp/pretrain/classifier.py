@@ -2,8 +2,9 @@
 
 It judges the text-to-image samples (is a sample of "a photo of a kitchen" recognisably a kitchen?) without
 sharing a weight or a training signal with the CLIP whose text tower conditions the UNet, so a sample cannot
-score well merely by matching that CLIP's quirks. It is trained on real renders passed through the VAE (as the
-samples are decoded by it), at the samples' size, and its held-out accuracy is reported next to its verdict.
+score well merely by matching that CLIP's quirks. It is trained on the real training renders at a small size,
+and its held-out accuracy on real renders and on their VAE reconstructions (the samples are decoded by the VAE)
+is reported next to its verdict.
 """
 
 from __future__ import annotations
