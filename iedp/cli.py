@@ -10,6 +10,8 @@ import argparse
 import logging
 import pickle
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from iedp.errors import InputError, Interrupted
@@ -74,13 +76,8 @@ def _train(args: argparse.Namespace) -> int:
         check_output_dir(config.train.out, "train.out")
     else:
         check_new_run(config.train.out)
-    try:
+    with _missing_extra_as_input_error():  # train.optimizer=adamw8bit without bitsandbytes
         train(config, resume=args.resume)
-    # train.optimizer=adamw8bit without bitsandbytes: one line saying what to install
-    except ImportError as error:
-        if "pip install" not in str(error):
-            raise
-        raise InputError(str(error)) from None
     return 0
 
 
@@ -102,7 +99,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from iedp.engine.predict import predict_paths
 
-    try:
+    with _missing_extra_as_input_error():  # video without PyAV
         predict_paths(
             args.checkpoint,
             args.inputs,
@@ -113,17 +110,13 @@ def _predict(args: argparse.Namespace) -> int:
             video_batch=args.video_batch,
             raw_frames=args.raw_frames,
         )
-    except ImportError as error:  # video without PyAV: one line saying what to install
-        if "pip install" not in str(error):
-            raise
-        raise InputError(str(error)) from None
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     from iedp.app import serve
 
-    try:
+    with _missing_extra_as_input_error():  # no Gradio
         serve(
             args.checkpoints,
             host=args.host,
@@ -133,11 +126,19 @@ def _serve(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_pixels=args.max_pixels,
         )
-    except ImportError as error:  # no Gradio: one line saying what to install
+    return 0
+
+
+@contextmanager
+def _missing_extra_as_input_error() -> Iterator[None]:
+    """An optional extra that is not installed (bitsandbytes, PyAV, Gradio) ends in one line saying what to
+    ``pip install``; an ImportError without that hint is a bug, and keeps its traceback."""
+    try:
+        yield
+    except ImportError as error:
         if "pip install" not in str(error):
             raise
         raise InputError(str(error)) from None
-    return 0
 
 
 def _convert_vpd(args: argparse.Namespace) -> int:
