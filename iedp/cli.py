@@ -1,4 +1,4 @@
-"""The ``iedp`` command line: make-tiny, pretrain-tiny, train, evaluate, predict, score, convert-vpd, demo.
+"""The ``iedp`` command line: IEDP and VPD for segmentation and depth, from a CPU demo to multi-GPU training.
 
 Bad input (a missing file, a wrong config key, a corrupt image...) ends with one line on stderr and exit status 2;
 ``--debug`` shows the traceback instead.
@@ -207,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_make_tiny(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("make-tiny", help="write the tiny SD + CLIP preset into DIR")
-    p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "dir", metavar="DIR", help="the folder to write (diffusers unet/ vae/, transformers clip/)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initial weights")
     p.add_argument("--force", action="store_true", help="write into a folder that is not empty (overwrites)")
     p.set_defaults(func=_make_tiny)
 
@@ -284,8 +286,13 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("predict", help="run a checkpoint on your own images and videos")
-    p.add_argument("checkpoint")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("checkpoint", help="a model checkpoint folder (model.safetensors + config.json)")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="IMAGE_OR_DIR_OR_VIDEO",
+        help="images, folders of images, videos (.mp4...)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     add_set_argument(p)
     p.add_argument("--video-batch", type=int, default=4, metavar="N", help="video: frames per forward pass")
@@ -385,7 +392,7 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("demo", help="the CPU demo: tiny preset + synthetic scenes, iedp vs vpd, report")
-    p.add_argument("--out", default="demo_out")
+    p.add_argument("--out", default="demo_out", help="folder of the runs and report.md (default: demo_out)")
     p.add_argument(
         "--steps", type=int, default=None, help="training steps per run (default: the demo's budget)"
     )
