@@ -102,7 +102,8 @@ def upgrade_config(tree: dict) -> dict:
     text token."""
     model = tree.get("model")
     if isinstance(model, dict) and "implicit_tokens" in model:
-        model = {k: v for k, v in model.items() if k != "implicit_tokens"} | {"implicit": model["implicit_tokens"]}
+        implicit = model["implicit_tokens"]
+        model = {k: v for k, v in model.items() if k != "implicit_tokens"} | {"implicit": implicit}
         tree = tree | {"model": {"explicit_tokens": "projected"} | model}
     return tree
 

@@ -21,8 +21,13 @@ from iedp.score import run as score
 
 @pytest.mark.parametrize(
     ("size", "window", "stride", "starts"),
-    [(640, 480, 160, [0, 160]), (480, 480, 160, [0]), (300, 512, 341, [0]), (700, 512, 341, [0, 188]),
-     (1000, 512, 341, [0, 341, 488])],
+    [
+        (640, 480, 160, [0, 160]),
+        (480, 480, 160, [0]),
+        (300, 512, 341, [0]),
+        (700, 512, 341, [0, 188]),
+        (1000, 512, 341, [0, 341, 488]),
+    ],
 )
 def test_window_starts(size, window, stride, starts):
     assert window_starts(size, window, stride) == starts
@@ -52,7 +57,9 @@ def test_sliding_window_average_equals_whole_image_pass():
 
 def test_segment_multi_scale_averages_probabilities():
     image = torch.randn(1, 3, 64, 96)
-    scores = segment(pointwise, image, (67, 101), window=64, stride=40, multiple=64, scales=(1.0, 1.5), flip=True)
+    scores = segment(
+        pointwise, image, (67, 101), window=64, stride=40, multiple=64, scales=(1.0, 1.5), flip=True
+    )
     assert scores.shape == (1, 2, 67, 101)
     torch.testing.assert_close(scores.sum(dim=1), torch.ones(1, 67, 101))
 
@@ -62,7 +69,9 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     seg = ModelConfig(task="seg", method="iedp", classes="ade20k", neck_channels=16, head_channels=16)
-    depth = ModelConfig(task="depth", method="vpd", classes="nyu_scenes", depth_fuse_channels=32, depth_head_channels=16)
+    depth = ModelConfig(
+        task="depth", method="vpd", classes="nyu_scenes", depth_fuse_channels=32, depth_head_channels=16
+    )
     for name, cfg in (("seg", seg), ("depth", depth)):
         save_model(build_model(cfg, with_text=False).eval(), Config(model=cfg), root / name)
     return root
@@ -76,24 +85,42 @@ def write_ade20k(root, rng):
         (root / "images" / split).mkdir(parents=True)
         (root / "annotations" / split).mkdir(parents=True)
     for i, (h, w) in enumerate(SIZES):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "images/validation" / f"ADE_val_{i}.jpg")
-        Image.fromarray(rng.integers(0, 151, (h, w), dtype=np.uint8)).save(root / "annotations/validation" / f"ADE_val_{i}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            root / "images/validation" / f"ADE_val_{i}.jpg"
+        )
+        Image.fromarray(rng.integers(0, 151, (h, w), dtype=np.uint8)).save(
+            root / "annotations/validation" / f"ADE_val_{i}.png"
+        )
 
 
 def test_evaluate_ade20k_odd_sizes_agrees_with_score(checkpoints, tmp_path):
     write_ade20k(tmp_path / "ade", np.random.default_rng(0))
     preds = tmp_path / "preds"
-    overrides = ["data.dataset=ade20k", f"data.root={tmp_path / 'ade'}", "eval.window=64", "eval.stride=43",
-                 "eval.short_side=64"]
-    metrics = evaluate_checkpoint(checkpoints / "seg", overrides, save_predictions=str(preds),
-                                  json_path=str(tmp_path / "m.json"))
+    overrides = [
+        "data.dataset=ade20k",
+        f"data.root={tmp_path / 'ade'}",
+        "eval.window=64",
+        "eval.stride=43",
+        "eval.short_side=64",
+    ]
+    metrics = evaluate_checkpoint(
+        checkpoints / "seg", overrides, save_predictions=str(preds), json_path=str(tmp_path / "m.json")
+    )
     for i, (h, w) in enumerate(SIZES):
         saved = np.array(Image.open(preds / f"ADE_val_{i}.png"))
         assert saved.shape == (h, w) and saved.min() >= 1 and saved.max() <= 150  # ADE20K's own 1..150
     assert json.loads((tmp_path / "m.json").read_text())["metrics"]["mIoU"] == pytest.approx(metrics["mIoU"])
     # `iedp score` on the saved predictions gives the same numbers as evaluate
     out = tmp_path / "score.json"
-    args = argparse.Namespace(task="seg", pred=preds, gt=tmp_path / "ade/annotations/validation", json=out, num_classes=150, reduce_zero_label=True, crop="eigen")
+    args = argparse.Namespace(
+        task="seg",
+        pred=preds,
+        gt=tmp_path / "ade/annotations/validation",
+        json=out,
+        num_classes=150,
+        reduce_zero_label=True,
+        crop="eigen",
+    )
     assert score(args) == 0
     scored = json.loads(out.read_text())["metrics"]
     for key in ("mIoU", "mAcc", "aAcc"):
@@ -114,9 +141,22 @@ def test_evaluate_nyu_layout_odd_sizes_and_cli(checkpoints, tmp_path):
         lines.append(f"{rel}/rgb_{i:05d}.jpg {rel}/sync_depth_{i:05d}.png 518.8579")
     (root / "test.txt").write_text("\n".join(lines) + "\n")
     preds = tmp_path / "preds"
-    sets = ["data.dataset=nyu", f"data.root={root}", "data.test_list=test.txt", "eval.depth_window=64",
-            "eval.depth_stride=32", "eval.depth_crop=none"]
-    argv = ["evaluate", str(checkpoints / "depth"), "--save-predictions", str(preds), "--json", str(tmp_path / "m.json")]
+    sets = [
+        "data.dataset=nyu",
+        f"data.root={root}",
+        "data.test_list=test.txt",
+        "eval.depth_window=64",
+        "eval.depth_stride=32",
+        "eval.depth_crop=none",
+    ]
+    argv = [
+        "evaluate",
+        str(checkpoints / "depth"),
+        "--save-predictions",
+        str(preds),
+        "--json",
+        str(tmp_path / "m.json"),
+    ]
     assert main(argv + [f"--set={s}" for s in sets]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert metrics["count"] == 2 and 0 < metrics["rmse"] < 10 and 0 <= metrics["d1"] <= 1

@@ -117,7 +117,9 @@ def test_segmentation_loss_ignores_255() -> None:
     one_pixel = -F.log_softmax(logits[1, :, 2, 0], dim=0)[3]
     # mmseg (avg_non_ignore=False, VPD): the one labelled pixel's loss over all 18 pixels of the batch
     assert segmentation_loss(logits, label).item() == pytest.approx(one_pixel.item() / 18, rel=1e-6)
-    assert segmentation_loss(logits, label, avg_non_ignore=True).item() == pytest.approx(one_pixel.item(), rel=1e-6)
+    assert segmentation_loss(logits, label, avg_non_ignore=True).item() == pytest.approx(
+        one_pixel.item(), rel=1e-6
+    )
 
 
 def test_segmentation_loss_resizes_logits_to_label() -> None:

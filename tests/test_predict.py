@@ -217,7 +217,9 @@ def test_overrides_bad_key_and_model_keys_fail(checkpoints, images, tmp_path, ca
     with pytest.raises(InputError, match="unknown config key eval.windoww"):
         predict_paths(checkpoints["seg"], [images["wide"]], tmp_path / "out", overrides=["eval.windoww=64"])
     with pytest.raises(InputError, match="--set model.max_depth: a trained checkpoint's model cannot change"):
-        predict_paths(checkpoints["depth"], [images["wide"]], tmp_path / "out", overrides=["model.max_depth=5"])
+        predict_paths(
+            checkpoints["depth"], [images["wide"]], tmp_path / "out", overrides=["model.max_depth=5"]
+        )
     with caplog.at_level(logging.INFO, logger="iedp.engine.predict"):
         predict_paths(checkpoints["depth"], [images["wide"]], tmp_path / "out", overrides=["eval.flip=false"])
     assert any("wide.jpg (101x67): depth" in r.getMessage() for r in caplog.records)  # one line per image

@@ -26,7 +26,9 @@ def test_every_shipped_recipe_equals_its_flat_form() -> None:
 
 
 def test_base_relative_to_the_recipe_folder_merges_sections(tmp_path: Path) -> None:
-    (tmp_path / "parent.yaml").write_text("model:\n  task: depth\n  classes: nyu_scenes\ntrain:\n  lr: 1.0e-3\n")
+    (tmp_path / "parent.yaml").write_text(
+        "model:\n  task: depth\n  classes: nyu_scenes\ntrain:\n  lr: 1.0e-3\n"
+    )
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "child.yaml").write_text("base: ../parent.yaml\nmodel:\n  method: vpd\n")
     config = load_config(tmp_path / "sub" / "child.yaml", ["train.max_steps=7"])
@@ -41,7 +43,9 @@ def test_base_relative_to_the_recipe_folder_merges_sections(tmp_path: Path) -> N
 def test_a_base_loop_is_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("base: b\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
-    with pytest.raises(InputError, match=r"base: chain loops \(.*a\.yaml -> .*b\.yaml -> .*a\.yaml\)") as error:
+    with pytest.raises(
+        InputError, match=r"base: chain loops \(.*a\.yaml -> .*b\.yaml -> .*a\.yaml\)"
+    ) as error:
         load_config(tmp_path / "a.yaml")
     assert "\n" not in str(error.value)
     (tmp_path / "self.yaml").write_text("base: self\n")

@@ -200,7 +200,9 @@ def test_large_image_labels_come_in_bounded_memory_and_match(seg_checkpoint, mon
     monkeypatch.setattr(inference, "SCORE_BUDGET", 3 * 96 * 160 - 1)  # the image is now above the budget
     seen = []
     real = inference.resized_argmax
-    monkeypatch.setattr(inference, "resized_argmax", lambda s, size: seen.append(s.shape) or real(s, size, 3 * 160))
+    monkeypatch.setattr(
+        inference, "resized_argmax", lambda s, size: seen.append(s.shape) or real(s, size, 3 * 160)
+    )
     labels = inference.predict_labels(model, image, config, cpu)
     assert seen == [(3, 64, 107)]  # the scores stay at the model's input size
     assert labels.shape == (96, 160)

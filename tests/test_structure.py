@@ -142,7 +142,9 @@ def test_task_table_matches_the_config_task_names() -> None:
     from iedp.config import TASKS as CONFIG_TASKS
     from iedp.models.tasks import TASKS
 
-    assert tuple(TASKS) == CONFIG_TASKS, "a task needs its entry in models/tasks.py and its name in config.TASKS"
+    assert tuple(TASKS) == CONFIG_TASKS, (
+        "a task needs its entry in models/tasks.py and its name in config.TASKS"
+    )
 
 
 def _long_functions(limit: int) -> list[str]:

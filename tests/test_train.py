@@ -146,7 +146,8 @@ def test_two_processes_match_one_process(tmp_path):
     train(config(one, *shared, "train.batch_size=4"))
     two = tmp_path / "two"
     sets = [f"--set={s}" for s in COMMON + shared + [f"train.out={two}", "train.batch_size=2"]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}  # as `accelerate launch --cpu` sets
+    # as `accelerate launch --cpu` sets
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(
         [
             sys.executable,

@@ -92,8 +92,12 @@ def depth_model():
 
 
 def _lr_and_decay(model, task):
-    optimizer, _ = build_optimizer(model, model.unet, TrainConfig(lr=1.0, weight_decay=0.5, unet_lr_mult=0.1), task)
-    settings = {id(p): (g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    optimizer, _ = build_optimizer(
+        model, model.unet, TrainConfig(lr=1.0, weight_decay=0.5, unet_lr_mult=0.1), task
+    )
+    settings = {
+        id(p): (g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]
+    }
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(settings) == len(trainable) == sum(len(g["params"]) for g in optimizer.param_groups)
     return settings
@@ -142,7 +146,9 @@ def test_groups_are_logged(seg_model, caplog):
     with caplog.at_level(logging.INFO, logger="iedp.engine.optim"):
         build_optimizer(seg_model, seg_model.unet, TrainConfig(lr=1.0, weight_decay=0.5), "seg")
     lines = [r.getMessage() for r in caplog.records]
-    assert any("unet_attention_norm" in line and "lr 1" in line and "weight decay 0" in line for line in lines)
+    assert any(
+        "unet_attention_norm" in line and "lr 1" in line and "weight decay 0" in line for line in lines
+    )
 
 
 def test_syncbn_only_for_segmentation():
@@ -181,7 +187,9 @@ def test_multi_scale_flip_averages_softmax_of_each_view():
         averaged_logits = ((model(image) + model(image.flip(-1)).flip(-1)) / 2).softmax(1)
         assert (scores - averaged_logits).abs().max() > 1e-3
         # two scales and flips: four views, each softmaxed at the output size
-        scores = segment(model, image, (64, 64), window=128, stride=128, multiple=64, scales=(1.0, 2.0), flip=True)
+        scores = segment(
+            model, image, (64, 64), window=128, stride=128, multiple=64, scales=(1.0, 2.0), flip=True
+        )
         big = F.interpolate(image, size=(128, 128), mode="bilinear", align_corners=False)
         down = lambda x: F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)  # noqa: E731
         views += [down(model(big)).softmax(1), down(model(big.flip(-1))).flip(-1).softmax(1)]
@@ -193,8 +201,18 @@ def test_depth_head_initialised_as_vpd():
     biases 0."""
     torch.manual_seed(0)
     head = DepthHead([32, 32, 64, 64], fuse_channels=64, deconv_channels=32, head_channels=32)
-    fusion = [m for part in (head.reduce0, head.reduce1, head.fuse) for m in part.modules() if isinstance(m, nn.Conv2d)]
-    later = [m for part in (head.decoder, head.predict) for m in part.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+    fusion = [
+        m
+        for part in (head.reduce0, head.reduce1, head.fuse)
+        for m in part.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    later = [
+        m
+        for part in (head.decoder, head.predict)
+        for m in part.modules()
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)
+    ]
     assert len(fusion) == 4 and len(later) == 3 + 1 + 2
     for conv in fusion:
         assert conv.weight.std().item() == pytest.approx(0.02, rel=0.1)
@@ -214,7 +232,9 @@ def test_cut_depth_writes_millimetres_modulo_256_into_a_strip():
     """VPD (GLPDepth's augment_training_data) on a 480x640 frame: strip at int(alpha·W), int(max((W - alpha·W)·beta·0.75,
     1)) wide, with the depth in millimetres cast into the uint8 image (mod 256), all three channels."""
     image = np.full((480, 640, 3), 100.0, dtype=np.float32)
-    depth = np.tile(np.array([2.0, 0.3, 0.256, 9.999], dtype=np.float32), (480, 160))  # 2000, 300, 256, 9999 mm
+    depth = np.tile(
+        np.array([2.0, 0.3, 0.256, 9.999], dtype=np.float32), (480, 160)
+    )  # 2000, 300, 256, 9999 mm
     alpha, beta = np.random.default_rng(7).random(2)
     left = int(alpha * 640)
     width = int(max((640 - alpha * 640) * beta * 0.75, 1))
@@ -232,8 +252,16 @@ def test_cut_depth_writes_millimetres_modulo_256_into_a_strip():
 
 
 def test_cutdepth_on_one_sample_in_four_from_the_recipes(tmp_path):
-    plain = {"brightness_limit": 0.0, "contrast_limit": 0.0, "gamma_range": (1.0, 1.0), "hue_shift_limit": 0.0,
-             "saturation_shift_limit": 0.0, "value_shift_limit": 0.0, "crop_size": (48, 64), "pad_multiple": 1}
+    plain = {
+        "brightness_limit": 0.0,
+        "contrast_limit": 0.0,
+        "gamma_range": (1.0, 1.0),
+        "hue_shift_limit": 0.0,
+        "saturation_shift_limit": 0.0,
+        "value_shift_limit": 0.0,
+        "crop_size": (48, 64),
+        "pad_multiple": 1,
+    }
     image = np.full((48, 64, 3), 128.0, dtype=np.float32)
     depth = np.full((48, 64), 0.256, dtype=np.float32)  # 256 mm -> 0 in the strip
     cut = DepthTrainTransform(cutdepth_prob=0.25, **plain)
@@ -241,12 +269,18 @@ def test_cutdepth_on_one_sample_in_four_from_the_recipes(tmp_path):
     assert hits == [np.random.default_rng(i).random() < 0.25 for i in range(400)]  # the sample's first draw
     assert 0.15 < np.mean(hits) < 0.35
     # the same sample and seed always decide the same way
-    assert torch.equal(cut(image, depth, np.random.default_rng(3))[0], cut(image, depth, np.random.default_rng(3))[0])
+    assert torch.equal(
+        cut(image, depth, np.random.default_rng(3))[0], cut(image, depth, np.random.default_rng(3))[0]
+    )
     # switched off, the augmentation stream is today's
     off, default = DepthTrainTransform(**plain), DepthTrainTransform(cutdepth_prob=0.0, **plain)
-    assert torch.equal(off(image, depth, np.random.default_rng(1))[0], default(image, depth, np.random.default_rng(1))[0])
+    assert torch.equal(
+        off(image, depth, np.random.default_rng(1))[0], default(image, depth, np.random.default_rng(1))[0]
+    )
     for name in ("vpd", "iedp", "implicit", "explicit"):
         assert load_config(f"nyu_{name}").data.cutdepth
-    synthetic = Config(model=ModelConfig(task="depth", classes="synthetic_scenes"),
-                       data=DataConfig(dataset="synthetic", cutdepth=True, num_train=4))
+    synthetic = Config(
+        model=ModelConfig(task="depth", classes="synthetic_scenes"),
+        data=DataConfig(dataset="synthetic", cutdepth=True, num_train=4),
+    )
     assert build_dataset(synthetic, "train").depth_transform.cutdepth_prob == 0.25

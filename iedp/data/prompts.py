@@ -43,7 +43,8 @@ def seg_prompt(
     present = [c for c, _ in classes_by_area(values, ignore_index)]
     bad = [c for c in present if not 0 <= c < len(class_names)]
     if bad:
-        raise ValueError(f"label value {bad[0]} outside 0..{len(class_names) - 1} (ignore index {ignore_index})")
+        last = len(class_names) - 1
+        raise ValueError(f"label value {bad[0]} outside 0..{last} (ignore index {ignore_index})")
     names = [class_names[c] for c in present]
     if tokenizer_max_words is not None:
         while names and len(_photo_of(names).split()) > tokenizer_max_words:

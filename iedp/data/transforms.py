@@ -322,13 +322,14 @@ class DepthTrainTransform:
     saturation_shift_limit: float = 30.0  # on a 0..255 scale
     value_shift_limit: float = 20.0  # on a 0..255 scale
     cutdepth_prob: float = 0.0  # share of samples given CutDepth (VPD: one in four)
-    cutdepth_max_width: float = 0.75  # VPD's p: the strip is at most this share of the columns right of its start
+    cutdepth_max_width: float = 0.75  # VPD's p: the strip's most share of the columns right of its start
 
     def __call__(
         self, image: np.ndarray, depth: np.ndarray, rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         image = image.astype(np.float32, copy=False)
-        if self.cutdepth_prob > 0 and rng.random() < self.cutdepth_prob:  # no draw when off: streams unchanged
+        # no draw when off: the random streams stay as they were
+        if self.cutdepth_prob > 0 and rng.random() < self.cutdepth_prob:
             image = cut_depth(image, depth, rng, self.cutdepth_max_width)
         image, depth = random_flip(image, depth, self.flip_prob, rng)
         box = _crop_box(image.shape, self.crop_size, rng)

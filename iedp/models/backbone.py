@@ -193,7 +193,8 @@ class DiffusionBackbone(nn.Module):
             if stride in self.map_strides:
                 s = stride // self.vae_stride
                 maps = self.store.mean((h // s) * (w // s))  # (B, h·w, C)
-                maps = maps.transpose(1, 2).reshape(B, -1, h // s, w // s).to(feature.dtype)  # (B, C, h/s, w/s)
+                # (B, C, h/s, w/s)
+                maps = maps.transpose(1, 2).reshape(B, -1, h // s, w // s).to(feature.dtype)
                 class_attention[stride] = maps
                 feature = torch.cat([feature, maps], dim=1)
             features[stride] = feature
