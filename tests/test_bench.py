@@ -302,3 +302,37 @@ def test_compile_probe_dry_run_measures_each_variant_in_the_default_precision(tm
     assert variants == ["eager", "compiled VAE", "compiled VAE + UNet"]
     assert all(r["median_s"] > 0 and r["first_call_s"] > 0 for r in summary["records"])
     assert "| compiled VAE + UNet | 1 |" in (tmp_path / "compile.md").read_text()
+
+
+def test_vae_probe_repeats_the_vae_stage_exactly_and_scores_the_shipped_world():
+    from bench.vae_probe import probe
+    from iedp.pretrain.pipeline import SHIPPED_DIR
+
+    quick = ["num_train=32", "resolution=64", "vae_crop=32", "unet_resolution=64", "vae_steps=6"]
+    quick += ["vae_batch=4", "num_heldout=8", "retrieval_gallery=8"]
+    first, again = probe(quick, 2, 8, None), probe(quick, 2, 8, None)
+    assert first["psnr_vae"] == again["psnr_vae"] and first["chroma_ratio"] == again["chroma_ratio"]
+    assert first["config"]["vae_steps"] == 6 and first["selection_seed"] == 2
+
+    shipped = probe([], 2, 24, str(SHIPPED_DIR))
+    # the shipped VAE keeps the image far better than a 1/8 thumbnail and most of its colour
+    assert shipped["psnr_vae"] > shipped["psnr_thumbnail"] + 3 and shipped["chroma_ratio"] > 0.85
+
+
+def test_vae_probe_refuses_the_reports_data_seed(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.vae_probe",
+            "--selection-seed",
+            "1",
+            "--json",
+            str(tmp_path / "p.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 2 and "--selection-seed: 1 is the report's data seed" in result.stderr
+    assert not (tmp_path / "p.json").exists()
