@@ -66,14 +66,19 @@ def main() -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a PretrainConfig change"
     )
     parser.add_argument(
-        "--selection-seed", type=int, default=2, help="data seed of the scoring scenes (not 1)"
+        "--selection-seed",
+        type=int,
+        default=2,
+        help="data seed of the scoring scenes (not the training data_seed, 1 by default)",
     )
     parser.add_argument("--num-selection", type=int, default=240)
     parser.add_argument("--vae", metavar="DIR", help="score DIR/vae instead of training")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
-    if args.selection_seed == DEFAULT_CONFIG.data_seed:
-        parser.error(f"--selection-seed: {args.selection_seed} is the report's data seed; choose another")
+    if args.selection_seed == with_overrides(DEFAULT_CONFIG, args.set).data_seed:
+        parser.error(
+            f"--selection-seed: {args.selection_seed} is the training scenes' data seed; choose another"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)  # the pre-training's own setting: the same rounding, the same weights
     result = probe(args.set, args.selection_seed, args.num_selection, args.vae)

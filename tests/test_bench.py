@@ -334,5 +334,5 @@ def test_vae_probe_refuses_the_reports_data_seed(tmp_path):
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
     )
-    assert result.returncode == 2 and "--selection-seed: 1 is the report's data seed" in result.stderr
+    assert result.returncode == 2 and "--selection-seed: 1 is the training scenes' data seed" in result.stderr
     assert not (tmp_path / "p.json").exists()
