@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from iedp.errors import InputError, Interrupted
+from iedp.logs import quiet_libraries
 
 logger = logging.getLogger("iedp")
 
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     if not args.verbose and args.command != "score":
-        _quiet_libraries()
+        quiet_libraries()
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
@@ -434,18 +435,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"iedp {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 1
-
-
-def _quiet_libraries() -> None:
-    """Keep library chatter out of the log (``-v`` shows it): Accelerate's five lines per checkpoint and the
-    "Loading weights" bar transformers draws on every CLIP load."""
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    try:
-        from transformers.utils import logging as transformers_logging
-    except ImportError:
-        return
-    if hasattr(transformers_logging, "set_tqdm_hook"):  # only transformers' own bars; downloads keep theirs
-        transformers_logging.set_tqdm_hook(lambda factory, a, kw: factory(*a, **{**kw, "disable": True}))
 
 
 if __name__ == "__main__":

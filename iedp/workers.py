@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
+from iedp.logs import quiet_libraries
+
 
 def usable_cores() -> int:
     """CPU cores this process may run on."""
@@ -48,8 +50,10 @@ def intra_op_threads(count: int) -> Iterator[None]:
 
 def start_worker(level: int) -> None:
     """Initialiser of a worker process: one intra-op thread and the parent's log level, its lines timed (as the
-    CLI's) and tagged with its process id."""
+    CLI's) and tagged with its process id; library chatter kept out below debug level, as in the CLI."""
     torch.set_num_threads(1)
+    if level > logging.DEBUG:
+        quiet_libraries()
     logging.basicConfig(
         level=level,
         format=f"%(asctime)s [worker {os.getpid()}] %(levelname)s %(name)s: %(message)s",

@@ -164,3 +164,28 @@ def _long_functions(limit: int) -> list[str]:
 def test_no_function_over_80_lines() -> None:
     assert _long_functions(MAX_FUNCTION_LINES) == [], "split these into named helpers"
     assert _long_functions(40), "the walker finds functions"
+
+
+def test_cli_parser_does_not_import_the_models() -> None:
+    """`iedp --help` and option errors answer in about a second: building the parser must not import diffusers or
+    transformers (seconds), which the commands import when they run."""
+    script = "import sys; from iedp.cli import build_parser; build_parser(); print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_library_chatter_is_quieted_below_debug_level() -> None:
+    import logging
+
+    from iedp.logs import quiet_libraries
+
+    quiet_libraries()
+    assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() == logging.ERROR
+    assert logging.getLogger("accelerate.checkpointing").getEffectiveLevel() == logging.WARNING

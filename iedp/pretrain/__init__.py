@@ -5,21 +5,22 @@ folder; ``pretrained_tiny_dir(config)`` builds that folder once into the cache (
 ``"tiny-pretrained"``). The report in the folder shows what each part learned.
 """
 
-from iedp.pretrain.config import QUICK_CONFIG, PretrainConfig
-from iedp.pretrain.pipeline import (
-    DEFAULT_CONFIG,
-    cache_key,
-    pretrain_tiny,
-    pretrained_tiny_dir,
-    refresh_denoising,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_CONFIG",
-    "QUICK_CONFIG",
-    "PretrainConfig",
-    "cache_key",
-    "pretrain_tiny",
-    "pretrained_tiny_dir",
-    "refresh_denoising",
-]
+from typing import Any
+
+from iedp.pretrain.config import DEFAULT_CONFIG, QUICK_CONFIG, PretrainConfig
+
+_PIPELINE = ("cache_key", "pretrain_tiny", "pretrained_tiny_dir", "refresh_denoising")
+
+__all__ = ["DEFAULT_CONFIG", "QUICK_CONFIG", "PretrainConfig", *_PIPELINE]
+
+
+def __getattr__(name: str) -> Any:
+    """The pipeline's names, imported on first use: it imports diffusers (seconds), which the CLI's parser, reading
+    the settings alone, must not wait for."""
+    if name in _PIPELINE:
+        from iedp.pretrain import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

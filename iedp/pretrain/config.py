@@ -96,6 +96,9 @@ class PretrainConfig:
             )
 
 
+DEFAULT_CONFIG = PretrainConfig()
+"""The config of ``resolve_weights("tiny-pretrained")``."""
+
 QUICK_CONFIG = PretrainConfig(
     resolution=64,
     num_train=48,

@@ -47,7 +47,7 @@ from iedp.data.synthetic import RENDERER_VERSION, SYNTHETIC_SCENES, render_scene
 from iedp.errors import InputError
 from iedp.pretrain.classifier import classify, scene_classifier, train_classifier
 from iedp.pretrain.clip import ClipScorer, evaluate_clip, train_clip
-from iedp.pretrain.config import DEFAULT_PRETRAIN_TIME, PretrainConfig
+from iedp.pretrain.config import DEFAULT_CONFIG, DEFAULT_PRETRAIN_TIME, PretrainConfig
 from iedp.pretrain.data import SceneSet, render_scenes
 from iedp.pretrain.report import reconstruction_grid, sample_grid, to_uint8, write_report
 from iedp.pretrain.text_to_image import Conditioner, denoising_losses, generate, noise_scheduler, train_unet
@@ -60,9 +60,6 @@ logger = logging.getLogger(__name__)
 
 PRETRAIN_VERSION = "2"
 """Bump whenever the same config trains different weights (part of the cache key)."""
-
-DEFAULT_CONFIG = PretrainConfig()
-"""The config of ``resolve_weights("tiny-pretrained")``."""
 
 # The tiny models' operations are too small to gain from intra-op threads, and threads that wait for each other
 # stall whenever another job holds a core: on a shared 2-core machine one thread ran each stage 3x faster than
