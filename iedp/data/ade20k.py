@@ -4,13 +4,12 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from iedp.data.images import IGNORE_INDEX, check_same_size, read_label, read_rgb
-from iedp.data.prompts import seg_prompt
-from iedp.data.transforms import SegTrainTransform, seg_val_transform
+from iedp.data.images import check_same_size, read_label, read_rgb
+from iedp.data.samples import seg_sample
+from iedp.data.transforms import SegTrainTransform
 from iedp.errors import InputError
 from iedp.resources import read_names
 
@@ -128,23 +127,3 @@ class ADE20K(Dataset):
         label = read_label(label_path, self.num_classes, self.reduce_zero_label)
         check_same_size(image, image_path, label, label_path)
         return seg_sample(self, index, image, label, image_path.stem)
-
-
-def seg_sample(
-    dataset, index: int, image: np.ndarray, label: np.ndarray, name: str
-) -> dict[str, torch.Tensor | str]:
-    """One segmentation sample of a labelled-image dataset (ADE20K, Cityscapes, your own folders): the seeded
-    training augmentation (per seed, epoch and index) or the validation resize, and the label prompt.
-
-    ``dataset`` provides ``augment``, ``seed``, ``epoch``, ``transform``, ``val_scale`` and ``class_names``."""
-    if dataset.augment:
-        rng = np.random.default_rng((dataset.seed, dataset.epoch, index))
-        image_tensor, label_tensor = dataset.transform(image, label, rng)
-    else:
-        image_tensor, label_tensor = seg_val_transform(image, label, dataset.val_scale)
-    return {
-        "image": image_tensor,
-        "label": label_tensor,
-        "prompt": seg_prompt(label_tensor, dataset.class_names, IGNORE_INDEX),
-        "name": name,
-    }

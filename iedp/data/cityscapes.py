@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from iedp.data.ade20k import seg_sample
 from iedp.data.folders import raise_if_problems
 from iedp.data.images import check_same_size, read_label, read_rgb
+from iedp.data.samples import seg_sample
 from iedp.data.transforms import SegTrainTransform
 from iedp.resources import read_names
 

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from iedp.data.ade20k import seg_sample
 from iedp.data.folders import (
     DEPTH_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -49,7 +48,7 @@ from iedp.data.folders import (
     size_problem,
 )
 from iedp.data.images import IGNORE_INDEX, _open_decoded, check_same_size, read_rgb
-from iedp.data.nyu import depth_sample
+from iedp.data.samples import depth_sample, seg_sample
 from iedp.data.transforms import DepthTrainTransform, SegTrainTransform
 from iedp.errors import InputError
 

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from iedp.data.folders import raise_if_problems, read_depth, read_scene_table, scene_problems
 from iedp.data.images import check_same_size, read_rgb
-from iedp.data.nyu import depth_sample
+from iedp.data.samples import depth_sample
 from iedp.data.transforms import DepthTrainTransform
 from iedp.errors import InputError
 

@@ -5,13 +5,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from iedp.data.images import check_same_size, read_depth_png, read_rgb
-from iedp.data.prompts import match_scene, scene_prompt
-from iedp.data.transforms import DepthTrainTransform, depth_test_transform
+from iedp.data.prompts import match_scene
+from iedp.data.samples import depth_sample
+from iedp.data.transforms import DepthTrainTransform
 from iedp.errors import InputError
 from iedp.resources import read_names
 
@@ -139,27 +139,3 @@ class NYUDepthV2(Dataset):
         depth = read_depth_png(entry.depth)
         check_same_size(image, entry.rgb, depth, entry.depth)
         return depth_sample(self, index, image, depth, f"{entry.rgb.parent.name}_{entry.rgb.stem}")
-
-
-def depth_sample(
-    dataset, index: int, image: np.ndarray, depth: np.ndarray, name: str
-) -> dict[str, torch.Tensor | str | int]:
-    """One depth sample of a dataset of real frames (NYUv2, KITTI, your own folders): the seeded training
-    augmentation (per seed, epoch and index) or the test transform, the frame's scene, its id (-1 when it is not
-    one of the model's scenes) and its prompt.
-
-    ``dataset`` provides ``augment``, ``seed``, ``epoch``, ``transform``, ``scenes`` and ``scene_names``."""
-    if dataset.augment:
-        rng = np.random.default_rng((dataset.seed, dataset.epoch, index))
-        image_tensor, depth_tensor = dataset.transform(image, depth, rng)
-    else:
-        image_tensor, depth_tensor = depth_test_transform(image, depth)
-    scene = dataset.scenes[index]
-    return {
-        "image": image_tensor,
-        "depth": depth_tensor,
-        "scene": scene,
-        "scene_id": dataset.scene_names.index(scene) if scene in dataset.scene_names else -1,
-        "prompt": scene_prompt(scene),
-        "name": name,
-    }
