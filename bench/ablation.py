@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+from iedp.logs import quiet_libraries
 from iedp.workers import one_thread_per_worker, start_worker
 
 # The repository root: BENCHMARKS.md and bench/results/ are found from here, whatever the working directory.
@@ -231,6 +232,7 @@ def main() -> None:
         "--report-only", action="store_true", help="only write the tables of the runs already in --json"
     )
     args = parser.parse_args()
+    quiet_libraries()  # as the CLI: no "Loading weights" bars while the latents are prepared here
     runs = json.loads(Path(args.json).read_text())["runs"] if args.report_only else run_all(args)
     text = report(runs, args)
     print(text)

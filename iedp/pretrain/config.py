@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from iedp.errors import InputError
 
-DEFAULT_PRETRAIN_TIME = "58 minutes on two CPU cores with AVX-512, about 4 hours on two with only AVX2"
+DEFAULT_PRETRAIN_TIME = "60 minutes on two CPU cores with AVX-512, about 4 hours on two with only AVX2"
 """Wall time of :data:`DEFAULT_CONFIG`'s build: measured on a 2-core AVX512-BF16 EPYC (2026-11-29); the AVX2 figure
 is the per-step times of an earlier build on a 2-core AVX2 EPYC times these step counts."""
 
