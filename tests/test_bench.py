@@ -304,27 +304,46 @@ def test_compile_probe_dry_run_measures_each_variant_in_the_default_precision(tm
     assert "| compiled VAE + UNet | 1 |" in (tmp_path / "compile.md").read_text()
 
 
-def test_vae_probe_repeats_the_vae_stage_exactly_and_scores_the_shipped_world():
-    from bench.vae_probe import probe
+def test_stage_probe_repeats_each_stage_exactly_and_scores_the_shipped_world():
+    from bench.stage_probe import probe
     from iedp.pretrain.pipeline import SHIPPED_DIR
 
-    quick = ["num_train=32", "resolution=64", "vae_crop=32", "unet_resolution=64", "vae_steps=6"]
-    quick += ["vae_batch=4", "num_heldout=8", "retrieval_gallery=8"]
-    first, again = probe(quick, 2, 8, None), probe(quick, 2, 8, None)
+    world = str(SHIPPED_DIR)
+    quick = [
+        "num_train=32",
+        "resolution=64",
+        "vae_crop=32",
+        "unet_resolution=64",
+        "vae_steps=6",
+        "unet_steps=4",
+    ]
+    quick += ["vae_batch=4", "unet_batch=4", "num_heldout=8", "retrieval_gallery=8"]
+    first, again = probe("vae", quick, 2, 8, world, False), probe("vae", quick, 2, 8, world, False)
     assert first["psnr_vae"] == again["psnr_vae"] and first["chroma_ratio"] == again["chroma_ratio"]
     assert first["config"]["vae_steps"] == 6 and first["selection_seed"] == 2
+    first, again = probe("unet", quick, 2, 8, world, False), probe("unet", quick, 2, 8, world, False)
+    assert first["denoising_mse"] == again["denoising_mse"] and first["last_loss"] == again["last_loss"]
+    assert (
+        first["own_caption_margin"]
+        == 1 - first["denoising_mse"]["caption"] / first["denoising_mse"]["wrong_scene"]
+    )
 
-    shipped = probe([], 2, 24, str(SHIPPED_DIR))
+    shipped = probe("vae", [], 2, 24, world, True)
     # the shipped VAE keeps the image far better than a 1/8 thumbnail and most of its colour
     assert shipped["psnr_vae"] > shipped["psnr_thumbnail"] + 3 and shipped["chroma_ratio"] > 0.85
+    shipped = probe("unet", [], 2, 24, world, True)
+    # the shipped UNet uses its caption, most where the image is most hidden
+    assert 0 < shipped["own_caption_margin"] < shipped["margin_by_timestep"][-1]
+    assert shipped["margin_by_timestep"][-1] > 0.05
 
 
-def test_vae_probe_refuses_the_reports_data_seed(tmp_path):
+def test_stage_probe_refuses_the_reports_data_seed(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
             "-m",
-            "bench.vae_probe",
+            "bench.stage_probe",
+            "unet",
             "--selection-seed",
             "1",
             "--json",
