@@ -376,7 +376,7 @@ def _unet_part(
     if "unet" in stages.finished:
         return stages.replay("unet", timings)
     losses = _timed(timings, "unet", train_unet, unet, latents, scaling_factor, train, conditioner, config)
-    unet.save_pretrained(out / "unet", safe_serialization=True)
+    _save(unet, out / "unet")
     noise_scheduler().save_pretrained(out / "scheduler")
     stages.add("unet", losses, timings["unet"])
     return losses
@@ -394,6 +394,13 @@ def initialise_unfinished(out: Path, seed: int, finished: dict[str, dict[str, An
             if part not in finished:
                 shutil.rmtree(out / part, ignore_errors=True)
                 shutil.copytree(Path(scratch) / part, out / part)
+
+
+def _save(part: AutoencoderKL | UNet2DConditionModel, folder: Path) -> None:
+    """``part`` in diffusers' format in ``folder``, its config naming the world rather than the (temporary) folder
+    it was read from, which diffusers would record as ``_name_or_path``."""
+    part.register_to_config(_name_or_path="tiny-pretrained")
+    part.save_pretrained(folder, safe_serialization=True)
 
 
 def _timed(timings: dict[str, float], stage: str, job: Callable[..., Any], *args: Any) -> Any:
@@ -444,7 +451,7 @@ def _vae_stage(
     reconstruction_grid(inputs, reconstructions).save(out / "reconstructions.png")
     latents = encode_latents(vae, train, config.unet_resolution)
     vae.register_to_config(scaling_factor=latent_scaling_factor(latents[0]))
-    vae.save_pretrained(out / "vae", safe_serialization=True)
+    _save(vae, out / "vae")
     logger.info(
         "vae: held-out PSNR %.2f dB, chroma ratio %.2f (random init %.2f dB, mean colour %.2f, thumbnail %.2f)",
         trained["psnr_vae"],
