@@ -61,7 +61,9 @@ def test_folder_loads_through_the_standard_loaders(pretrained, tmp_path):
     assert vae.config.scaling_factor == pytest.approx(report_scaling(pretrained))
     assert (pretrained / "scheduler" / "scheduler_config.json").is_file()
     for part in ("unet", "vae"):  # named after the world, not the temporary folder the stages read them from
-        assert json.loads((pretrained / part / "config.json").read_text())["_name_or_path"] == "tiny-pretrained"
+        assert (
+            json.loads((pretrained / part / "config.json").read_text())["_name_or_path"] == "tiny-pretrained"
+        )
     # Every part was trained: its weights differ from the preset it started from.
     make_tiny(tmp_path, seed=QUICK_CONFIG.seed)
     start_unet, start_vae = load_stable_diffusion(str(tmp_path))
