@@ -33,7 +33,7 @@ from iedp.config import with_overrides
 from iedp.pretrain.config import DEFAULT_CONFIG, PretrainConfig
 from iedp.pretrain.data import SceneSet, render_scenes
 from iedp.pretrain.pipeline import SHIPPED_DIR
-from iedp.pretrain.text_to_image import Conditioner, denoising_losses, train_unet
+from iedp.pretrain.text_to_image import Conditioner, denoising_losses, own_caption_margin, train_unet
 from iedp.pretrain.vae import encode_latents, evaluate_vae, train_vae
 from iedp.weights.loaders import load_clip, load_stable_diffusion
 from iedp.weights.tiny import make_tiny
@@ -105,14 +105,9 @@ def _score(
     return {
         "denoising_mse": overall,
         "denoising_by_timestep": bands,
-        "own_caption_margin": _margin(overall),
-        "margin_by_timestep": [_margin(band) for band in bands],
+        "own_caption_margin": own_caption_margin(overall),
+        "margin_by_timestep": [own_caption_margin(band) for band in bands],
     }
-
-
-def _margin(errors: dict[str, float]) -> float:
-    """How much lower the own caption's MSE is than another scene type's, as a share of the latter."""
-    return 1 - errors["caption"] / errors["wrong_scene"]
 
 
 def _summary(result: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from iedp.pretrain.text_to_image import own_caption_margin
 from iedp.visualize import panel, vstack
 
 
@@ -175,7 +176,7 @@ def _unet_section(report: dict[str, Any]) -> list[str]:
         "Held-out noise-prediction MSE on the same noise and timesteps, by context (lower is better); the context "
         "is the text tower's last hidden states (77 tokens), as in Stable Diffusion. A UNet that uses the text "
         f"does worst with the caption of another scene type: here own caption "
-        f"{100 * (1 - unet['denoising_mse']['caption'] / unet['denoising_mse']['wrong_scene']):.1f}% lower.",
+        f"{100 * own_caption_margin(unet['denoising_mse']):.1f}% lower.",
         "",
         "| own caption | scene only | empty caption | caption of another scene type |",
         "|---|---|---|---|",
@@ -202,7 +203,7 @@ def _timestep_band_rows(bands: list[dict[str, Any]]) -> list[str]:
     """The denoising comparison within ranges of timesteps, and how much each range weighs in the overall one."""
     rows = [
         f"| {b['timesteps'][0]}–{b['timesteps'][1]} | {b['samples']} | {b['caption']:.4f} | {b['wrong_scene']:.4f} "
-        f"| {100 * (1 - b['caption'] / b['wrong_scene']):.1f}% | {100 * b['share_of_error']:.0f}% |"
+        f"| {100 * own_caption_margin(b):.1f}% | {100 * b['share_of_error']:.0f}% |"
         for b in bands
     ]
     return [

@@ -175,6 +175,12 @@ def denoising_losses(
     )
 
 
+def own_caption_margin(errors: dict[str, float]) -> float:
+    """How much lower the MSE with the scene's own caption is than with another scene type's, as a share of the
+    latter: ``errors`` is :func:`denoising_losses`' overall figures or one of its timestep bands."""
+    return 1 - errors["caption"] / errors["wrong_scene"]
+
+
 def _timestep_bands(
     timesteps: torch.Tensor, per_sample: dict[str, torch.Tensor], num_timesteps: int
 ) -> list[dict[str, Any]]:
