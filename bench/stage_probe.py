@@ -13,6 +13,12 @@ two probes side by side on a 2-core machine, one per core.
     python -m bench.stage_probe vae --set vae_chroma_weight=4 --json bench/results/vae_probe_chroma4.json
     python -m bench.stage_probe unet --set snr_gamma=none --json bench/results/unet_probe_plain_mse.json
     python -m bench.stage_probe unet --score-only --json bench/results/unet_probe_shipped.json
+
+A UNet probe that looks worth a world is kept with ``--save DIR``, and the rebuild then costs only the scene
+classifier and the report (minutes), since its VAE and CLIP are the world's (the same as the settings would train):
+
+    python -m bench.stage_probe unet --set unet_steps=56000 --save /tmp/w56k --json bench/results/unet_probe_56k.json
+    iedp pretrain-tiny /tmp/w56k --set unet_steps=56000
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from bench.timing import machine
 from iedp.config import with_overrides
 from iedp.pretrain.config import DEFAULT_CONFIG, PretrainConfig
 from iedp.pretrain.data import SceneSet, render_scenes
-from iedp.pretrain.pipeline import SHIPPED_DIR
+from iedp.pretrain.pipeline import SHIPPED_DIR, check_unet_build, stage_unet_build
 from iedp.pretrain.text_to_image import Conditioner, denoising_losses, own_caption_margin, train_unet
 from iedp.pretrain.vae import encode_latents, evaluate_vae, train_vae
 from iedp.weights.loaders import load_clip, load_stable_diffusion
@@ -42,10 +48,18 @@ STAGES = ("vae", "unet")
 
 
 def probe(
-    stage: str, overrides: list[str], selection_seed: int, num_selection: int, world: str, score_only: bool
+    stage: str,
+    overrides: list[str],
+    selection_seed: int,
+    num_selection: int,
+    world: str,
+    score_only: bool,
+    save: Path | None = None,
 ) -> dict[str, Any]:
     """Train ``stage`` from the preset's initial weights (or, with ``score_only``, take ``world``'s) and score
-    it on ``num_selection`` scenes of ``selection_seed``'s validation split."""
+    it on ``num_selection`` scenes of ``selection_seed``'s validation split. With ``save`` (``unet`` only), the
+    trained UNet and ``world``'s VAE and CLIP become a build of these settings there that ``iedp pretrain-tiny``
+    finishes (:func:`~iedp.pretrain.pipeline.stage_unet_build`)."""
     config = with_overrides(DEFAULT_CONFIG, overrides)
     selection = render_scenes("val", num_selection, config.resolution, selection_seed)
     record = {
@@ -57,6 +71,8 @@ def probe(
         "selection_seed": selection_seed,
         "machine": machine(torch.device("cpu")),
     }
+    if save is not None:
+        check_unet_build(save, Path(world), config)  # before hours of training, not after
     world_unet, world_vae = load_stable_diffusion(world)
     if score_only:
         return {**record, **_score(stage, world_unet, world_vae, world, selection, config)}
@@ -72,6 +88,8 @@ def probe(
         latents = encode_latents(vae, train, config.unet_resolution)
         losses = train_unet(unet, latents, vae.config.scaling_factor, train, _conditioner(world), config)
     seconds = time.perf_counter() - start
+    if save is not None:
+        stage_unet_build(save, Path(world), config, unet, losses, seconds)
     return {
         **record,
         "train_seconds": seconds,
@@ -137,14 +155,26 @@ def main() -> None:
     )
     parser.add_argument("--score-only", action="store_true", help="score the world's own part; train nothing")
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="unet: also make DIR a build of these settings with the world's VAE and CLIP and this UNet, which "
+        "`iedp pretrain-tiny DIR --set ...` (the same changes) finishes",
+    )
     args = parser.parse_args()
+    if args.save is not None and (args.score_only or args.stage != "unet"):
+        parser.error("--save: only a trained UNet is saved (stage unet, without --score-only)")
     if args.selection_seed == with_overrides(DEFAULT_CONFIG, args.set).data_seed:
         parser.error(
             f"--selection-seed: {args.selection_seed} is the training scenes' data seed; choose another"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)  # the pre-training's own setting: the same rounding, the same weights
-    result = probe(args.stage, args.set, args.selection_seed, args.num_selection, args.world, args.score_only)
+    result = probe(
+        args.stage, args.set, args.selection_seed, args.num_selection, args.world, args.score_only, args.save
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"{_summary(result)} -> {args.json}")

@@ -3,6 +3,7 @@ bookkeeping that turns records into comparisons and BENCHMARKS.md rows."""
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -304,7 +305,7 @@ def test_compile_probe_dry_run_measures_each_variant_in_the_default_precision(tm
     assert "| compiled VAE + UNet | 1 |" in (tmp_path / "compile.md").read_text()
 
 
-def test_stage_probe_repeats_each_stage_exactly_and_scores_the_shipped_world():
+def test_stage_probe_repeats_each_stage_exactly_and_scores_the_shipped_world(tmp_path):
     from bench.stage_probe import probe
     from iedp.pretrain.pipeline import SHIPPED_DIR
 
@@ -321,8 +322,17 @@ def test_stage_probe_repeats_each_stage_exactly_and_scores_the_shipped_world():
     first, again = probe("vae", quick, 2, 8, world, False), probe("vae", quick, 2, 8, world, False)
     assert first["psnr_vae"] == again["psnr_vae"] and first["chroma_ratio"] == again["chroma_ratio"]
     assert first["config"]["vae_steps"] == 6 and first["selection_seed"] == 2
-    first, again = probe("unet", quick, 2, 8, world, False), probe("unet", quick, 2, 8, world, False)
+    first = probe("unet", quick, 2, 8, world, False)
+    again = probe("unet", quick, 2, 8, world, False, save=tmp_path / "unet")
     assert first["denoising_mse"] == again["denoising_mse"] and first["last_loss"] == again["last_loss"]
+    # the saved UNet is the one scored: in a copy of the world it scores the same
+    losses = json.loads((tmp_path / "unet" / "losses.json").read_text())["losses"]
+    assert len(losses) == 4 and sum(losses) / 4 == again["last_loss"]
+    shutil.copytree(world, tmp_path / "world", ignore=shutil.ignore_patterns("unet"))
+    shutil.copytree(tmp_path / "unet", tmp_path / "world" / "unet")
+    assert (
+        probe("unet", quick, 2, 8, str(tmp_path / "world"), True)["denoising_mse"] == again["denoising_mse"]
+    )
     assert (
         first["own_caption_margin"]
         == 1 - first["denoising_mse"]["caption"] / first["denoising_mse"]["wrong_scene"]

@@ -197,6 +197,43 @@ def test_an_interrupted_run_resumes_after_its_finished_stages(pretrained, report
     assert_same_world(folder, pretrained, report)
 
 
+def test_a_unet_probe_saved_on_a_world_finishes_as_a_build_from_scratch(pretrained, tmp_path, monkeypatch):
+    """``bench/stage_probe.py unet --save`` trains a UNet stage on a world's VAE and CLIP; ``pretrain-tiny`` on the
+    folder it leaves trains only the classifier and ends with the weights and figures of a build from scratch."""
+    from bench.stage_probe import probe
+
+    changed = dataclasses.replace(QUICK_CONFIG, unet_steps=16, unet_lr=1e-3, snr_gamma=None)
+    scratch = pipeline.pretrain_tiny(tmp_path / "scratch", changed, workers=1)
+    overrides = [
+        f"{name}={'none' if value is None else value}"
+        for name, value in dataclasses.asdict(changed).items()
+        if value != getattr(pipeline.DEFAULT_CONFIG, name)
+    ]
+    probe("unet", overrides, 2, 8, str(pretrained), False, save=tmp_path / "staged")
+    assert json.loads((tmp_path / "staged" / pipeline.STAGES_FILE).read_text())["key"] == cache_key(changed)
+
+    def train_again(*args, **kwargs):
+        raise AssertionError("a finished stage trained again")
+
+    for stage in ("train_vae", "train_clip", "train_unet"):
+        monkeypatch.setattr(pipeline, stage, train_again)
+    folder = pipeline.pretrain_tiny(tmp_path / "staged", changed, workers=1)
+    assert json.loads((folder / "report.json").read_text())["resumed_after"] == ["clip", "unet", "vae"]
+    assert_same_world(folder, scratch, json.loads((scratch / "report.json").read_text()))
+
+
+def test_a_unet_build_needs_a_world_of_the_same_vae_and_clip_settings(pretrained, tmp_path):
+    other_vae = dataclasses.replace(QUICK_CONFIG, vae_steps=13, unet_steps=16)
+    with pytest.raises(InputError, match=r"built with other vae_steps; its VAE and CLIP are not"):
+        pipeline.check_unet_build(tmp_path / "new", pretrained, other_vae)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "file").write_text("x")
+    with pytest.raises(InputError, match=r"full: not empty"):
+        pipeline.check_unet_build(tmp_path / "full", pretrained, QUICK_CONFIG)
+    with pytest.raises(InputError, match=r"not a finished build of the tiny world"):
+        pipeline.check_unet_build(tmp_path / "new", tmp_path, QUICK_CONFIG)
+
+
 def test_the_worker_s_vae_is_kept_when_clip_fails_beside_it(tmp_path, monkeypatch):
     """With two processes the VAE trains in the worker while CLIP trains here; a failure in CLIP still leaves the
     VAE recorded once the worker finishes it."""

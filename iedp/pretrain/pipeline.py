@@ -11,7 +11,9 @@ SD + CLIP folder: ``unet/``, ``vae/`` (diffusers), ``clip/`` (transformers, with
 A run that stops (a crash, Ctrl-C) loses at most the stage it was in: each finished stage is recorded in the
 folder's ``stages.json`` with its report, and the same command on the same folder and settings resumes after it
 (the scenes are rendered again and the VAE's latents re-encoded; every stage seeds its own random numbers, so the
-weights are those of an uninterrupted run). The file is removed once the run completes.
+weights are those of an uninterrupted run). The file is removed once the run completes. The same mechanism finishes
+a build whose UNet stage was trained apart on a finished world's VAE and CLIP (:func:`stage_unet_build`), as
+``bench/stage_probe.py unet --save`` does.
 
 The world built with :data:`DEFAULT_CONFIG` ships inside the package (``iedp/resources/tiny_world``), so
 ``resolve_weights("tiny-pretrained")`` needs no pre-training; it is used only while its ``version.json`` key
@@ -31,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -376,10 +378,61 @@ def _unet_part(
     if "unet" in stages.finished:
         return stages.replay("unet", timings)
     losses = _timed(timings, "unet", train_unet, unet, latents, scaling_factor, train, conditioner, config)
-    _save(unet, out / "unet")
-    noise_scheduler().save_pretrained(out / "scheduler")
+    _save_unet(unet, out)
     stages.add("unet", losses, timings["unet"])
     return losses
+
+
+UNET_STAGE_SETTINGS = ("unet_steps", "unet_batch", "unet_lr", "snr_gamma", "caption_dropout")
+"""The settings that only the UNet stage reads: builds that differ in these alone have the same VAE and CLIP."""
+
+
+def stage_unet_build(
+    out: Path,
+    world: Path,
+    config: PretrainConfig,
+    unet: UNet2DConditionModel,
+    losses: list[float],
+    seconds: float,
+) -> None:
+    """Make ``out`` an interrupted build of ``config`` that has finished its VAE and CLIP stages with ``world``'s
+    parts and its UNet stage with ``unet``, trained elsewhere as :func:`train_unet` trains on them (``losses`` and
+    ``seconds`` its record). :func:`pretrain_tiny` on ``out`` with ``config`` then trains the scene classifier and
+    writes the report, as after any interruption. ``world`` and ``out`` as :func:`check_unet_build` asks."""
+    report = check_unet_build(out, world, config)
+    for part in ("vae", "clip"):
+        shutil.copytree(world / part, out / part)
+    shutil.copy2(world / "reconstructions.png", out / "reconstructions.png")
+    _save_unet(unet, out)
+    stages = StageRecord(out, cache_key(config))
+    for part in ("vae", "clip"):
+        stages.add(part, {**report[part], "losses": report["losses"][part]}, report["timings_s"][part])
+    stages.add("unet", losses, seconds)
+
+
+def check_unet_build(out: Path, world: Path, config: PretrainConfig) -> dict[str, Any]:
+    """``world``'s report, if :func:`stage_unet_build` can use it for ``config`` into ``out``: ``world`` is a
+    finished build by the current code whose settings differ from ``config`` in :data:`UNET_STAGE_SETTINGS` only
+    (so its VAE and CLIP are the ones ``config`` trains), and ``out`` is new or empty."""
+    report_path = world / "report.json"
+    if not report_path.is_file():
+        raise InputError(f"{world}: not a finished build of the tiny world (no report.json)")
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    built = PretrainConfig(**report["config"])
+    if report["key"] != cache_key(built):
+        raise InputError(f"{world}: built by other code (key {report['key']}, not {cache_key(built)})")
+    other = [
+        f.name
+        for f in fields(PretrainConfig)
+        if f.name not in UNET_STAGE_SETTINGS and getattr(built, f.name) != getattr(config, f.name)
+    ]
+    if other:
+        raise InputError(
+            f"{world}: built with other {', '.join(other)}; its VAE and CLIP are not these settings'"
+        )
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out}: not empty; choose a new folder")
+    return report
 
 
 def initialise_unfinished(out: Path, seed: int, finished: dict[str, dict[str, Any]]) -> None:
@@ -396,11 +449,17 @@ def initialise_unfinished(out: Path, seed: int, finished: dict[str, dict[str, An
                 shutil.copytree(Path(scratch) / part, out / part)
 
 
-def _save(part: AutoencoderKL | UNet2DConditionModel, folder: Path) -> None:
+def save_part(part: AutoencoderKL | UNet2DConditionModel, folder: Path) -> None:
     """``part`` in diffusers' format in ``folder``, its config naming the world rather than the (temporary) folder
     it was read from, which diffusers would record as ``_name_or_path``."""
     part.register_to_config(_name_or_path="tiny-pretrained")
     part.save_pretrained(folder, safe_serialization=True)
+
+
+def _save_unet(unet: UNet2DConditionModel, out: Path) -> None:
+    """The trained UNet and the noise schedule it was trained with, in their diffusers folders of ``out``."""
+    save_part(unet, out / "unet")
+    noise_scheduler().save_pretrained(out / "scheduler")
 
 
 def _timed(timings: dict[str, float], stage: str, job: Callable[..., Any], *args: Any) -> Any:
@@ -451,7 +510,7 @@ def _vae_stage(
     reconstruction_grid(inputs, reconstructions).save(out / "reconstructions.png")
     latents = encode_latents(vae, train, config.unet_resolution)
     vae.register_to_config(scaling_factor=latent_scaling_factor(latents[0]))
-    _save(vae, out / "vae")
+    save_part(vae, out / "vae")
     logger.info(
         "vae: held-out PSNR %.2f dB, chroma ratio %.2f (random init %.2f dB, mean colour %.2f, thumbnail %.2f)",
         trained["psnr_vae"],
