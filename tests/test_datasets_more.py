@@ -193,6 +193,22 @@ def test_custom_depth_csv_scenes_and_problems(tmp_path):
     assert "size 40x69 (HxW) does not match" in problems and "scene names garage are not in" in problems
 
 
+def test_a_scene_table_named_in_the_config_is_found_under_a_relative_root(tmp_path, monkeypatch, capsys):
+    """``data.scenes=scenes.csv`` is read from ``data.root``, however the root is written (it was joined twice)."""
+    depth_tree(tmp_path / "depth")
+    (tmp_path / "depth" / "scenes.csv").write_text("image,scene\nkitchen/a,street\nb,kitchen\nc,street\n")
+    monkeypatch.chdir(tmp_path)
+    for root in ("depth", "./depth", str(tmp_path / "depth")):
+        assert (
+            main(["data", "check", "custom_depth_vpd", *_sets(f"data.root={root}", "data.scenes=scenes.csv")])
+            == 0
+        )
+        out = capsys.readouterr().out
+        assert "scenes: street ×1, kitchen ×1" in out and "0 problems" in out
+    config = load_config("custom_depth_vpd", ["data.root=depth", "data.scenes=depth/scenes.csv"])
+    assert build_dataset(config, "train", augment=False).scenes == ["street", "kitchen"]
+
+
 # ----------------------------------------------------------------------------- KITTI
 
 

@@ -339,8 +339,7 @@ class CustomDepth(Dataset):
             problems += pair_problems
         table = None
         if scenes is not None and str(scenes) != "folder":
-            table_path = Path(scenes) if Path(scenes).is_absolute() else root / scenes
-            table, table_problems = read_scene_table(table_path)
+            table, table_problems = read_scene_table(Path(scenes))
             problems += table_problems
         self.scenes = [scene_of(key, table) if scenes is not None else "" for key, _, _ in self.items]
         if scenes is not None:

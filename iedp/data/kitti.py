@@ -129,8 +129,7 @@ class KittiDepth(Dataset):
         self.seed, self.epoch = seed, 0
         table = {}
         if scenes is not None:
-            table_path = Path(scenes) if Path(scenes).is_absolute() else root / scenes
-            table, table_problems = read_scene_table(table_path)
+            table, table_problems = read_scene_table(Path(scenes))
             table = {key.removesuffix("_sync"): value for key, value in table.items()}
             problems += table_problems + scene_problems(table, self.scene_names, f"data.scenes={scenes}")
         self.scenes = [table.get(entry.drive.removesuffix("_sync"), "") for entry in self.entries]
