@@ -40,6 +40,7 @@ from iedp.errors import InputError
 from iedp.hub import METRICS_NAME, read_metrics, write_model_card
 from iedp.model_files import CONFIG_NAME, WEIGHTS_NAME, load_model, model_state, save_model
 from iedp.models.iedp import IEDPModel
+from iedp.outputs import json_text
 from iedp.visualize import (
     beside,
     classes_by_area,
@@ -379,6 +380,4 @@ def load(
 
 
 def _metrics_json(metrics: dict) -> str:
-    import json
-
-    return json.dumps({"metrics": metrics}, indent=2, sort_keys=True)
+    return json_text({"metrics": metrics}, sort_keys=True)

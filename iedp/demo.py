@@ -37,6 +37,7 @@ from iedp.metrics.depth import DepthMetric
 from iedp.metrics.segmentation import SegmentationMetric
 from iedp.model_files import load_model
 from iedp.models.iedp import IEDPModel
+from iedp.outputs import json_text
 from iedp.visualize import (
     beside,
     classes_by_area,
@@ -329,7 +330,7 @@ def run_demo(out: str | Path = "demo_out", steps: int | None = None, weights: st
             )
         sections.append("\n".join(section))
         (out / f"{task}_results.json").write_text(
-            json.dumps(
+            json_text(
                 {
                     "runs": [
                         {"method": r.method, "metrics": r.metrics, "train_seconds": r.train_seconds}
@@ -337,7 +338,6 @@ def run_demo(out: str | Path = "demo_out", steps: int | None = None, weights: st
                     ],
                     "baseline": baseline,
                 },
-                indent=2,
                 default=str,
             )
         )

@@ -1,12 +1,17 @@
 """Checks on where a command will write, made before any work starts: a run folder that is a file, a read-only or
 virtual (/proc) folder, a JSON path that is a folder, an existing run that a new one would mix with. Each problem is
-one :class:`~iedp.errors.InputError` naming the option and the path."""
+one :class:`~iedp.errors.InputError` naming the option and the path. And :func:`json_text`, the JSON the commands
+write."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from iedp.errors import InputError
 
@@ -63,3 +68,19 @@ def check_new_run(out: str | Path) -> Path:
             "train.out to a new folder"
         )
     return check_output_dir(out, "train.out")
+
+
+def json_text(value: Any, indent: int | None = 2, **options: Any) -> str:
+    """``value`` as standard JSON, which has no NaN: a metric without data (a class with no pixels) becomes null,
+    where :func:`json.dumps` would write the bare ``NaN`` that strict readers (JavaScript, ``jq``) reject."""
+    return json.dumps(_nan_as_none(value), indent=indent, allow_nan=False, **options)
+
+
+def _nan_as_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_as_none(item) for key, item in value.items()}
+    if isinstance(value, Iterable) and not isinstance(value, str):
+        return [_nan_as_none(item) for item in value]
+    return value

@@ -7,9 +7,7 @@ are those of :mod:`iedp.metrics` (DESIGN §3).
 """
 
 import argparse
-import json
 import math
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from iedp.data.images import check_same_size, read_depth_png, read_label
 from iedp.errors import InputError
 from iedp.metrics.depth import DEPTH_METRICS, DepthMetric
 from iedp.metrics.segmentation import SegmentationMetric
-from iedp.outputs import check_output_file
+from iedp.outputs import check_output_file, json_text
 from iedp.resources import read_names
 
 ADE20K_CLASSES = 150  # the default --num-classes
@@ -48,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         report = {"task": args.task, "pred": str(args.pred), "gt": str(args.gt), "num_images": len(pairs)}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_without_nan({**report, "metrics": metrics}), indent=2) + "\n")
+        args.json.write_text(json_text({**report, "metrics": metrics}) + "\n")
         print(f"wrote {args.json}")
     return 0
 
@@ -169,14 +167,3 @@ def _print_depth(metrics: dict) -> None:
     print(
         f"\n{metrics['count']} images: d1 {metrics['d1']:.4f}  abs_rel {metrics['abs_rel']:.4f}  rmse {metrics['rmse']:.4f}"
     )
-
-
-def _without_nan(value: object) -> object:
-    """JSON has no NaN: classes without pixels become null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _without_nan(item) for key, item in value.items()}
-    if isinstance(value, Iterable) and not isinstance(value, str):
-        return [_without_nan(item) for item in value]
-    return value

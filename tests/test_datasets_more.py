@@ -424,3 +424,4 @@ def test_two_training_steps_on_the_examples(tmp_path, recipe, example, sets):
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [point["step"] for point in curve] == [1, 2]  # every evaluation, the last one also in metrics.json
     assert curve[-1] == json.loads((out / "metrics.json").read_text())
+    assert "NaN" not in (out / "metrics.jsonl").read_text()  # standard JSON: a class without pixels is null

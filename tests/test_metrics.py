@@ -1,5 +1,6 @@
 """Segmentation and depth metrics against values computed by hand."""
 
+import json
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from iedp.metrics.depth import DEPTH_METRICS, DepthMetric, depth_errors
 from iedp.metrics.segmentation import SegmentationMetric, intersect_and_union
+from iedp.outputs import json_text
 
 # 2×3 maps, 4 classes; the last label pixel is ignored (its prediction too).
 LABEL = torch.tensor([[0, 0, 1], [1, 1, 255]])
@@ -171,3 +173,18 @@ def test_depth_streaming_merge_equals_one_shot():
     restored.load_state(first.state())
     assert restored.compute() == pytest.approx(one_shot.compute())
     assert set(one_shot.compute()) == {*DEPTH_METRICS, "count"}
+
+
+def test_metrics_are_written_as_standard_json():
+    """A class without pixels has no IoU (NaN): the metrics files carry null, which strict parsers accept."""
+    metric = SegmentationMetric(3, ["wall", "floor", "sky"])
+    metric.update(torch.tensor([[0, 1], [1, 1]]), torch.tensor([[0, 1], [1, 0]]))
+    metrics = metric.compute()
+    assert math.isnan(metrics["IoU"]["sky"])
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    written = json.loads(json_text({"step": 3, **metrics}), parse_constant=refuse)
+    assert written["IoU"] == {"wall": 50.0, "floor": pytest.approx(200 / 3), "sky": None}
+    assert written["mIoU"] == pytest.approx(metrics["mIoU"]) and written["step"] == 3

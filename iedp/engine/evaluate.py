@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from iedp.engine.inference import for_inference, predict_sample, resolve_device,
 from iedp.model_files import load_model
 from iedp.models.iedp import IEDPModel
 from iedp.models.tasks import TASKS
+from iedp.outputs import json_text
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +108,7 @@ def evaluate_checkpoint(
         path = Path(json_path) if json_path else Path(checkpoint) / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
-            json.dumps(
-                {"checkpoint": str(checkpoint), "config": config.to_dict(), "metrics": metrics}, indent=2
-            )
+            json_text({"checkpoint": str(checkpoint), "config": config.to_dict(), "metrics": metrics})
         )
         logger.info("metrics written to %s", path)
     return metrics

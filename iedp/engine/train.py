@@ -29,6 +29,7 @@ from iedp.engine.train_state import CheckpointManager
 from iedp.errors import InputError, Interrupted
 from iedp.models.build import build_model
 from iedp.models.tasks import TASKS
+from iedp.outputs import json_text
 
 logger = logging.getLogger(__name__)
 
@@ -279,9 +280,9 @@ def _validate(run: _Run, config: Config, step: int, stop: StopRequested) -> bool
     logger.info("step %d: %s", step, json.dumps(shown))
     if accelerator.is_main_process:
         out = Path(config.train.out)
-        (out / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+        (out / "metrics.json").write_text(json_text({"step": step, **metrics}))
         with open(out / "metrics.jsonl", "a", encoding="utf-8") as history:
-            history.write(json.dumps({"step": step, **metrics}, default=str) + "\n")
+            history.write(json_text({"step": step, **metrics}, indent=None, default=str) + "\n")
     model.train()
     return True
 
