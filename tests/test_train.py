@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from iedp.config import load_config
 from iedp.engine.train import train
+from iedp.errors import InputError
 from iedp.model_files import load_model
 
 COMMON = [
@@ -76,6 +77,13 @@ def test_checkpoints_pruned_and_resume_is_exact(tmp_path):
     )
     model, loaded = load_model(run / "final")
     assert loaded.train.max_steps == 4 and model.method == "iedp"
+
+    # a setting the checkpoint fixes cannot change on resume: it would be logged as applied and silently ignored
+    resumed_config = config(resumed, "train.max_steps=6", "train.lr=0.5", "train.seed=3")
+    with pytest.raises(
+        InputError, match=r"train.lr is 0.5 here but 0.001 there; train.seed is 3 here but 0 there"
+    ):
+        train(resumed_config, resume="latest")
 
 
 def test_resume_across_an_epoch_boundary(tmp_path):

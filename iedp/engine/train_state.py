@@ -30,6 +30,21 @@ logger = logging.getLogger(__name__)
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_NAME = "state.json"
 
+FIXED_BY_CHECKPOINT = (
+    "model.task",
+    "model.method",
+    "train.optimizer",
+    "train.lr",
+    "train.unet_lr_mult",
+    "train.weight_decay",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.seed",
+)
+"""Settings a resume cannot change: the optimizer and schedule state restore the learning rates and weight decay,
+the sampler and RNG states the batches and seed, the weights the task and method. Other values on the command line
+would be logged as applied while the checkpoint's silently win, so :meth:`CheckpointManager.resume` refuses them."""
+
 
 class CheckpointManager:
     """Saves, prunes and finds training checkpoints under ``root``; every process calls ``save`` together."""
@@ -138,6 +153,7 @@ class CheckpointManager:
             path = Path(spec)
             if not (path / STATE_NAME).is_file():
                 raise InputError(f"--resume {spec}: not a complete training checkpoint (no {STATE_NAME})")
+        self._check_unchanged(path)
         self._check_rng_state(path)
         try:
             self.accelerator.load_state(str(path))
@@ -150,6 +166,20 @@ class CheckpointManager:
         step = json.loads((path / STATE_NAME).read_text())["step"]
         logger.info("resumed from %s at step %d", path, step)
         return step
+
+    def _check_unchanged(self, path: Path) -> None:
+        """Refuse a resume that sets any of :data:`FIXED_BY_CHECKPOINT` otherwise than the checkpoint did."""
+        saved, current = json.loads((path / STATE_NAME).read_text())["config"], self.config.to_dict()
+        changed = []
+        for key in FIXED_BY_CHECKPOINT:
+            section, name = key.split(".")
+            if name in saved.get(section, {}) and saved[section][name] != current[section][name]:
+                changed.append(f"{key} is {current[section][name]!r} here but {saved[section][name]!r} there")
+        if changed:
+            raise InputError(
+                f"--resume {path}: {'; '.join(changed)}; a resumed run keeps the checkpoint's, so drop the change "
+                "or start a new run (another train.out)"
+            )
 
     def _check_rng_state(self, path: Path) -> None:
         """Accelerate skips an unreadable RNG-state file with an info line, and the resume is silently no longer
