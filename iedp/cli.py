@@ -54,6 +54,7 @@ def _pretrain_tiny(args: argparse.Namespace) -> int:
     from iedp.config import with_overrides
     from iedp.engine.inference import resolve_device
     from iedp.pretrain import DEFAULT_CONFIG, QUICK_CONFIG, pretrain_tiny, refresh_denoising
+    from iedp.pretrain.pipeline import check_build_folder
 
     if args.refresh_denoising:
         if args.quick or args.set:
@@ -63,7 +64,13 @@ def _pretrain_tiny(args: argparse.Namespace) -> int:
         print(refresh_denoising(args.dir))
         return 0
     config = with_overrides(QUICK_CONFIG if args.quick else DEFAULT_CONFIG, args.set)
-    print(pretrain_tiny(args.dir, config, args.workers, resolve_device(args.device)))
+    if check_build_folder(Path(args.dir), config):
+        logging.getLogger(__name__).info(
+            "%s: already built with these settings; delete it to build again", args.dir
+        )
+    else:
+        pretrain_tiny(args.dir, config, args.workers, resolve_device(args.device))
+    print(args.dir)
     return 0
 
 

@@ -281,6 +281,33 @@ def test_cli_writes_the_folder(tmp_path, capsys):
     assert report["config"] == dataclasses.asdict(changed) and report["key"] == cache_key(changed)
     assert len(report["losses"]["unet"]) == 5
 
+    # the same command again finds the finished build and trains nothing
+    weights = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    args = ["pretrain-tiny", str(out), "--quick", "--set", "unet_steps=5", "--set", "snr_gamma=none"]
+    assert main(args) == 0 and capsys.readouterr().out.strip() == str(out)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    assert json.loads((out / "report.json").read_text()) == report
+
+
+def test_cli_refuses_a_folder_it_would_overwrite(pretrained, tmp_path, capsys):
+    """Only a new or empty folder, a build in progress or the same finished build: nothing else is overwritten."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    shutil.copytree(pretrained, tmp_path / "world")
+    for folder, message in (
+        (
+            "notes",
+            "not a build of the tiny world, which this build would overwrite; choose a new or empty folder",
+        ),
+        ("file", "is a file, not a folder"),
+        ("world", f"a finished build of other settings (key {cache_key(QUICK_CONFIG)})"),
+    ):
+        assert main(["pretrain-tiny", str(tmp_path / folder), "--quick", "--set", "unet_steps=5"]) == 2
+        assert f"{tmp_path / folder}: {message}" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["notes.txt"]
+
 
 def test_refresh_denoising_recomputes_the_same_figures_without_training(pretrained, report, tmp_path, capsys):
     world = tmp_path / "world"

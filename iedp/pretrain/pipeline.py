@@ -104,6 +104,21 @@ def cache_key(config: PretrainConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def check_build_folder(out: Path, config: PretrainConfig) -> bool:
+    """Whether ``out`` already holds the finished build of ``config``. False when a build may go there: a new or
+    empty folder, or a build in progress (its :data:`STAGES_FILE`). Anything else, which a build would overwrite,
+    is an :class:`InputError`."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file, not a folder")
+    if not out.exists() or not any(out.iterdir()) or (out / STAGES_FILE).is_file():
+        return False
+    key = stored_key(out)
+    if key == cache_key(config):
+        return True
+    found = f"a finished build of other settings (key {key})" if key else "not a build of the tiny world"
+    raise InputError(f"{out}: {found}, which this build would overwrite; choose a new or empty folder")
+
+
 def stored_key(folder: Path) -> str | None:
     """The cache key in ``folder/version.json``, or None when there is none."""
     path = folder / "version.json"
@@ -197,6 +212,8 @@ def _pretrain(
     start = time.perf_counter()
     key = cache_key(config)
     stages = StageRecord.load(out, key)
+    out.mkdir(parents=True, exist_ok=True)
+    stages.write()
     run = {
         "workers": 1 if pool is None else 2,
         "render_workers": render_workers,
@@ -319,11 +336,16 @@ class StageRecord:
         """Record ``stage`` as finished (once its part is saved), rewriting the file atomically."""
         with self.lock:
             self.finished[stage] = {"report": report, "seconds": seconds}
-            path = self.folder / STAGES_FILE
-            staging = path.with_suffix(".tmp")
-            record = {"key": self.key, "stages": self.finished}
-            staging.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-            os.replace(staging, path)
+            self.write()
+
+    def write(self) -> None:
+        """The record as it stands, written atomically: from the start of a run, so that its folder is known as a
+        build in progress even before a stage has finished."""
+        path = self.folder / STAGES_FILE
+        staging = path.with_suffix(".tmp")
+        record = {"key": self.key, "stages": self.finished}
+        staging.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        os.replace(staging, path)
 
     def add_when_done(self, stage: str) -> Callable[[Future], None]:
         """A done-callback for the future of a job that returns ``(report, ..., seconds)``: records ``stage`` if
