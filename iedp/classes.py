@@ -28,6 +28,8 @@ def load_class_names(spec: str) -> list[str]:
 
         return list(SYNTHETIC_CLASSES if spec == "synthetic" else SYNTHETIC_SCENES)
     path = Path(spec)
+    if path.suffix == ".txt" and not path.is_file():  # a file was meant: say which is missing
+        raise InputError(f"model.classes: {path} not found (a text file of names, one per line)")
     if not path.is_file():
         raise InputError(f"model.classes: {spec!r} is neither one of {', '.join(BUILTIN)} nor a text file")
     names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

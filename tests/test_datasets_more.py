@@ -129,6 +129,12 @@ def test_model_classes_dataset_resolves_to_the_folder(tmp_path):
         load_config("kitti_vpd", ["model.classes=dataset"])
     with pytest.raises(InputError, match="multiples of 64"):
         build_dataset(load_config("custom_seg_vpd", [f"data.root={root}", "data.crop_size=100"]), "train")
+    # a wrong root is named as such, not as the class list it would hold
+    with pytest.raises(InputError, match=f"data.root: {tmp_path / 'nowhere'} is not a folder"):
+        build_dataset(load_config("custom_seg_vpd", [f"data.root={tmp_path / 'nowhere'}"]), "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=f"model.classes: {tmp_path / 'empty' / 'classes.txt'} not found"):
+        build_dataset(load_config("custom_seg_vpd", [f"data.root={tmp_path / 'empty'}"]), "train")
 
 
 # ----------------------------------------------------------------------------- your own depth data

@@ -60,10 +60,10 @@ def build_folder_dataset(config: Config, split: str, augment: bool) -> Dataset:
         raise InputError(
             f"data.crop_size / data.crop_width: {_crop(config)} must be multiples of 64 (the UNet's input multiple)"
         )
-    names = load_class_names(model.classes)
     root = _folder(
         data.root, "data.root", data.dataset, must_exist=data.dataset != "kitti"
     )  # KITTI lists both
+    names = load_class_names(model.classes)  # after the root: model.classes=dataset names a file in it
     scenes = data.scenes if data.scenes in (None, "folder") else _locate(data.scenes, root)
     short = config.eval.short_side
     if data.dataset == "custom_seg":

@@ -159,6 +159,9 @@ def _set_up(config: Config) -> _Run:
         # one lr-schedule step per optimisation step, whatever the number of processes
         step_scheduler_with_optimizer=False,
     )
+    with accelerator.main_process_first():  # the data first: its problems are found before the weights load
+        train_set = build_dataset(config, "train")
+        val_set = build_dataset(config, "val") if tc.eval_every > 0 else None
     set_seed(tc.seed)  # identical initial weights on every rank
     model = build_model(config.model)
     model = sync_batchnorm(model, config.model.task, accelerator.num_processes, accelerator.device.type)
@@ -166,12 +169,10 @@ def _set_up(config: Config) -> _Run:
         for part in model.frozen_modules():
             part.to(torch.bfloat16 if tc.mixed_precision == "bf16" else torch.float16)
     optimizer, scheduler = build_optimizer(model, model.unet, tc, task=config.model.task)
-    with accelerator.main_process_first():
-        train_set = build_dataset(config, "train")
-        if config.data.cache_latents:
+    if config.data.cache_latents:
+        with accelerator.main_process_first():
             root = Path(config.model.cache_dir) if config.model.cache_dir else None
             train_set = with_cached_latents(model.backbone, train_set, root)
-        val_set = build_dataset(config, "val") if tc.eval_every > 0 else None
     loader = make_loader(train_set, tc.batch_size, config.data.num_workers, shuffle=True, seed=tc.seed)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     checkpoints = CheckpointManager(out / "checkpoints", accelerator, config, tc.checkpoints_total_limit)
