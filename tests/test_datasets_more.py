@@ -408,6 +408,11 @@ def test_data_check_lists_the_problems_of_a_broken_copy(tmp_path, capsys):
     write_png(root / "labels/val/val_000.png", np.full((70, 90), 9, np.uint8))
     assert main(["data", "check", "custom_seg_vpd", *_sets(f"data.root={root}")]) == 1
     out = capsys.readouterr().out
+    # a split whose folder the dataset refuses is not reported as empty
+    assert (
+        "[train] not read: the problems below stop the whole split from loading" in out
+        and "0 samples" not in out
+    )
     assert (
         "2 problems:" in out
         and "train_001.jpg: no label map" in out

@@ -26,6 +26,7 @@ class SplitReport:
     """What one split holds; filled by :func:`check_split`."""
 
     split: str
+    built: bool = False  # False: the dataset refused the split (its problems say why), so nothing was counted
     count: int = 0
     checked: int = 0
     sizes: Counter = field(default_factory=Counter)
@@ -53,7 +54,7 @@ def check_split(config: Config, split: str, limit: int | None = None, progress: 
     except InputError as err:
         report.problems.append(str(err))
         return report
-    report.count = len(dataset)
+    report.built, report.count = True, len(dataset)
     task = config.model.task
     if task == "seg":
         num_classes = len(getattr(dataset, "class_names", None) or load_class_names(config.model.classes))
@@ -104,6 +105,9 @@ def format_report(config: Config, reports: list[SplitReport], class_names: list[
     data = config.data
     lines = [f"data.dataset={data.dataset} root={data.root} task={config.model.task}"]
     for r in reports:
+        if not r.built:
+            lines.append(f"\n[{r.split}] not read: the problems below stop the whole split from loading")
+            continue
         checked = "" if r.checked == r.count else f" ({r.checked} read)"
         lines.append(f"\n[{r.split}] {r.count} samples{checked}")
         if r.sizes:
