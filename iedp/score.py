@@ -15,7 +15,7 @@ import torch
 
 from iedp.data.images import check_same_size, read_depth_png, read_label
 from iedp.errors import InputError
-from iedp.metrics.depth import DEPTH_METRICS, DepthMetric
+from iedp.metrics.depth import DEPTH_METRICS, EIGEN_CROP_SIZE, DepthMetric
 from iedp.metrics.segmentation import SegmentationMetric
 from iedp.outputs import check_output_file, json_text
 from iedp.resources import read_names
@@ -127,6 +127,11 @@ def _score_depth(pairs: list[tuple[Path, Path]], crop: str) -> dict:
         gt = read_depth_png(gt_path)
         pred = _read_depth_prediction(pred_path)
         check_same_size(gt, gt_path, pred, pred_path)
+        if crop == "eigen" and gt.shape != EIGEN_CROP_SIZE:
+            raise InputError(
+                f"{gt_path}: {gt.shape[0]}x{gt.shape[1]}, but --crop eigen is for 480x640 NYUv2 maps; "
+                "use --crop none (or garg for KITTI)"
+            )
         try:
             metric.update(torch.from_numpy(pred), torch.from_numpy(gt))
         except ValueError as err:

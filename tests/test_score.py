@@ -97,7 +97,9 @@ def test_score_depth_crop_none_on_other_sizes(tmp_path):
         (tmp_path / folder).mkdir()
         write_depth_png(tmp_path / folder / "a.png", np.full((30, 40), 3.0))
     base = ["depth", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]
-    with pytest.raises(InputError, match="a.png: the Eigen crop is defined for 480x640"):
+    with pytest.raises(
+        InputError, match="a.png: 30x40, but --crop eigen is for 480x640 NYUv2 maps; use --crop none"
+    ):
         score.run(_parse(base))
     assert score.run(_parse([*base, "--crop", "none"])) == 0
 
