@@ -86,7 +86,12 @@ def save_model(
 def read_checkpoint_meta(path: str | Path) -> dict:
     path = Path(path)
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-        raise InputError(f"checkpoint {path}: expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
+        # a training checkpoint holds its model in model/, a run folder its trained model in final/
+        inner = next(
+            (path / name for name in ("model", "final") if (path / name / WEIGHTS_NAME).is_file()), None
+        )
+        hint = f"; did you mean {inner}?" if inner else ""
+        raise InputError(f"checkpoint {path}: expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
     try:
         meta = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -77,6 +77,12 @@ def test_checkpoints_pruned_and_resume_is_exact(tmp_path):
     )
     model, loaded = load_model(run / "final")
     assert loaded.train.max_steps == 4 and model.method == "iedp"
+    # a training checkpoint or a run folder is not a model, but says where its model is
+    checkpoint = run / "checkpoints" / "checkpoint-4"
+    with pytest.raises(InputError, match=f"did you mean {checkpoint / 'model'}"):
+        load_model(checkpoint)
+    with pytest.raises(InputError, match=f"did you mean {run / 'final'}"):
+        load_model(run)
 
     # a setting the checkpoint fixes cannot change on resume: it would be logged as applied and silently ignored
     resumed_config = config(resumed, "train.max_steps=6", "train.lr=0.5", "train.seed=3")
