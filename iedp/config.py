@@ -543,7 +543,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def _recipe_path(name: str | Path, folder: Path | None) -> Path:
     """The recipe file ``name``: a path (relative to ``folder`` for a ``base:``, with or without ``.yaml``), else
     the shipped recipe of that name."""
-    from iedp.configs import packaged_config
+    from iedp.configs import packaged_config, packaged_names
 
     path = Path(name)
     candidates = [folder / path, folder / f"{path}.yaml"] if folder is not None else [path]
@@ -551,7 +551,9 @@ def _recipe_path(name: str | Path, folder: Path | None) -> Path:
     found = found or packaged_config(str(name))
     if found is None:
         what = f"base {name} of a recipe in {folder}" if folder is not None else f"config {path}"
-        raise InputError(f"{what}: no such file (nor a shipped recipe such as ade20k_iedp)")
+        close = difflib.get_close_matches(str(name).removesuffix(".yaml"), packaged_names(), n=1)
+        hint = f"did you mean {close[0]}?" if close else "nor a shipped recipe such as ade20k_iedp"
+        raise InputError(f"{what}: no such file ({hint})")
     return found
 
 

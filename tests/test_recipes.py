@@ -54,6 +54,8 @@ def test_a_base_loop_is_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "lost.yaml").write_text("base: nowhere\n")
     with pytest.raises(InputError, match="base nowhere of a recipe in .*: no such file"):
         load_config(tmp_path / "lost.yaml")
+    with pytest.raises(InputError, match=r"config demo_segg: no such file \(did you mean demo_seg\?\)"):
+        load_config("demo_segg")
 
 
 def test_checkpoints_save_the_resolved_recipe() -> None:

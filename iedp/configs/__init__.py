@@ -11,3 +11,12 @@ def packaged_config(name: str) -> Path | None:
         return None
     path = Path(str(files(__package__).joinpath(f"{stem}.yaml")))
     return path if path.is_file() else None
+
+
+def packaged_names() -> list[str]:
+    """The names of the shipped recipes, e.g. ``ade20k_iedp``."""
+    return sorted(
+        path.name.removesuffix(".yaml")
+        for path in files(__package__).iterdir()
+        if path.name.endswith(".yaml")
+    )
