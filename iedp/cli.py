@@ -183,12 +183,15 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-SET_HELP = "override a config value, e.g. --set train.max_steps=100 (repeatable)"
-
-
-def add_set_argument(parser: argparse.ArgumentParser) -> None:
-    """``--set KEY=VALUE``, repeatable: config overrides."""
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--set KEY=VALUE``, repeatable: config overrides; ``example`` one that the command uses."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. --set {example} (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,7 +271,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "train", help="train a model from a YAML recipe (use `accelerate launch` for many GPUs)"
     )
     p.add_argument("config", help="YAML recipe, e.g. configs/ade20k_iedp.yaml")
-    add_set_argument(p)
+    add_set_argument(p, "train.max_steps=100")
     p.add_argument(
         "--resume",
         nargs="?",
@@ -282,7 +285,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("evaluate", help="evaluate a checkpoint on its validation/test split")
     p.add_argument("checkpoint", help="a model checkpoint folder (model.safetensors + config.json)")
-    add_set_argument(p)
+    add_set_argument(p, "data.root=/data/ADEChallengeData2016")
     p.add_argument("--multi-scale", action="store_true", help="segmentation: scales 1.0-1.5 and flips")
     p.add_argument(
         "--save-predictions", metavar="DIR", help="write predictions in the format `iedp score` reads"
@@ -302,7 +305,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
         help="images, folders of images, videos (.mp4...)",
     )
     p.add_argument("--out", required=True, help="output folder")
-    add_set_argument(p)
+    add_set_argument(p, "eval.batch_size=8")
     p.add_argument("--video-batch", type=int, default=4, metavar="N", help="video: frames per forward pass")
     p.add_argument("--raw-frames", action="store_true", help="video: also one label / depth PNG per frame")
     add_device_arguments(p)
@@ -393,7 +396,7 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
         help="counts per split, classes, depth range, sizes and every problem, without training (exit 1 on problems)",
     )
     p.add_argument("config", help="YAML recipe, e.g. custom_seg_iedp")
-    add_set_argument(p)
+    add_set_argument(p, "data.root=/data/my_seg")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="read at most N samples per split")
     p.set_defaults(func=_data_check)
 

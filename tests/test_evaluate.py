@@ -14,6 +14,7 @@ from iedp.config import Config, ModelConfig
 from iedp.data.images import write_depth_png
 from iedp.engine.evaluate import evaluate_checkpoint
 from iedp.engine.inference import predict_padded, segment, sliding_window, window_starts
+from iedp.errors import InputError
 from iedp.model_files import save_model
 from iedp.models.build import build_model
 from iedp.score import run as score
@@ -167,6 +168,8 @@ def test_evaluate_nyu_layout_odd_sizes_and_cli(checkpoints, tmp_path):
     # a model key cannot change on a checkpoint; a bad override is one line and exit status 2
     assert main(["evaluate", str(checkpoints / "depth"), "--set", "model.max_depth=3"]) == 2
     assert main(["evaluate", str(tmp_path / "missing")]) == 2
+    with pytest.raises(InputError, match="--multi-scale / eval.multi_scale: segmentation only"):
+        evaluate_checkpoint(checkpoints / "depth", multi_scale=True)
 
 
 def test_explicit_oracle_is_evaluated_with_the_sample_prompt():

@@ -208,6 +208,10 @@ def test_empty_folder_and_missing_path_are_input_errors(checkpoints, tmp_path):
     (empty / "readme.md").write_text("no pictures here")
     with pytest.raises(InputError, match="empty: folder holds no images"):
         predict_paths(checkpoints["seg"], [empty], tmp_path / "out")
+    # a TIFF is read in a folder as when it is named
+    Image.new("RGB", (40, 30), (120, 80, 40)).save(empty / "scan.tif")
+    written = predict_paths(checkpoints["seg"], [empty], tmp_path / "tif")
+    assert written and all(path.name.startswith("scan") for path in written)
     with pytest.raises(InputError, match="nowhere.png: no such file or folder"):
         predict_paths(checkpoints["seg"], [tmp_path / "nowhere.png"], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # inputs are checked before anything is written

@@ -16,6 +16,7 @@ from iedp.config import Config
 from iedp.data.images import write_depth_png
 from iedp.engine.data import build_dataset
 from iedp.engine.inference import for_inference, predict_sample, resolve_device, resolve_dtype
+from iedp.errors import InputError
 from iedp.model_files import load_model
 from iedp.models.iedp import IEDPModel
 from iedp.models.tasks import TASKS
@@ -93,6 +94,11 @@ def evaluate_checkpoint(
 
     overrides = [*overrides, *(["eval.multi_scale=true"] if multi_scale else [])]
     model, config = load_model(checkpoint, overrides=overrides)
+    if config.eval.multi_scale and model.task != "seg":
+        raise InputError(
+            "--multi-scale / eval.multi_scale: segmentation only; depth averages each window with its mirror image "
+            "(eval.flip, on by default)"
+        )
     # where results go is checked before the evaluation, not found unwritable after it
     check_output_file(json_path or Path(checkpoint) / "metrics.json", "--json")
     if save_predictions:

@@ -63,7 +63,7 @@ from iedp.visualize import (
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 """File types taken from a folder input (case-insensitive); files named explicitly are read whatever their name."""
 
 MIN_DEPTH_M = 1e-3
