@@ -519,9 +519,10 @@ def safe_load(text: str, what: str) -> Any:
     try:
         tree = yaml.load(text, Loader=_LimitedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
-        raise InputError(
-            f"{what}: not valid YAML ({short_repr(str(error).splitlines()[0], 200)[1:-1]})"
-        ) from None
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise InputError(f"{what}: not valid YAML ({where}{short_repr(problem, 200)[1:-1]})") from None
     if _count_nodes(tree, MAX_YAML_NODES) > MAX_YAML_NODES:
         raise InputError(f"{what}: more than {MAX_YAML_NODES} values once its aliases are expanded; refused")
     return tree

@@ -93,6 +93,15 @@ def test_yaml_cannot_run_code(tmp_path):
     assert not Path("pwned").exists()
 
 
+def test_a_yaml_error_names_its_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  task: seg\ntrain: lr: 1\n")
+    with pytest.raises(
+        InputError, match=r"bad.yaml: not valid YAML \(line 3, column 10: mapping values are not"
+    ):
+        load_config(path)
+
+
 def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
