@@ -251,9 +251,11 @@ def predict_paths(
     precision = resolve_dtype(dtype, device)
     for_inference(model, device, precision)
     out_dir = check_output_dir(out_dir, "--out")
+    videos = sum(map(is_video, paths))
     logger.info(
-        "predicting %d image(s) with %s (%s, %s) on %s in %s",
-        len(paths),
+        "predicting %d image(s) and %d video(s) with %s (%s, %s) on %s in %s",
+        len(paths) - videos,
+        videos,
         checkpoint,
         model.task,
         model.method,
