@@ -1,6 +1,12 @@
 """IEDP: implicit and explicit language guidance for diffusion-based visual perception."""
 
+import logging
+
 from iedp.version import __version__
+
+# bitsandbytes (for the optional 8-bit AdamW) warns on every diffusers import that a 4-bit kernel package, which iedp
+# never uses, is missing: in the CLI and in a user's own Python alike
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 __all__ = ["__version__", "load"]
 

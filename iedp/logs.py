@@ -6,11 +6,9 @@ import logging
 
 
 def quiet_libraries() -> None:
-    """Accelerate's five lines per checkpoint, the "Loading weights" bar transformers draws on every CLIP load, and
-    bitsandbytes' warning, on every diffusers import where it is installed, that a 4-bit kernel package is missing
-    (iedp uses only its 8-bit AdamW)."""
+    """Accelerate's five lines per checkpoint and the "Loading weights" bar transformers draws on every CLIP load
+    (bitsandbytes' import warning is silenced by ``import iedp``)."""
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as transformers_logging
     except ImportError:

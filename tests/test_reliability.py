@@ -222,3 +222,11 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     # resuming picks the newest complete checkpoint and finishes the run
     train(tiny_config(tmp_path, "train.max_steps=3", "train.checkpoint_every=1"), resume="latest")
     assert json.loads((root / "checkpoint-3" / "state.json").read_text())["step"] == 3
+
+
+def test_the_python_api_imports_without_library_warnings():
+    """``import iedp`` keeps bitsandbytes' missing-4-bit-kernel warning out of a user's own scripts, as the CLI does."""
+    code = "import logging, iedp, iedp.api; print(logging.getLogger('bitsandbytes').getEffectiveLevel())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == str(logging.ERROR)
+    assert "kernels" not in result.stderr and "Failed to load" not in result.stderr, result.stderr
