@@ -1,6 +1,7 @@
 """End-to-end training on the tiny preset and synthetic scenes: checkpoints, exact resume, signals, multi-process."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -222,3 +223,16 @@ def test_training_stops_at_the_first_update_that_makes_weights_non_finite(tmp_pa
     with pytest.raises(FloatingPointError, match="step 1: the weight update made weights NaN or infinite"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_mixed_precision_casts_the_frozen_parts_quietly(tmp_path, caplog, monkeypatch):
+    """Under bf16 the frozen VAE and CLIP are held in bf16 (the UNet and heads train in fp32 under autocast),
+    without diffusers' warning about float32 modules, which AutoencoderKL does not have."""
+    from iedp.engine.train import _set_up
+
+    monkeypatch.setattr(logging.getLogger("diffusers"), "propagate", True)  # diffusers has its own handler
+    run = _set_up(config(tmp_path, "train.mixed_precision=bf16", "train.max_steps=1"))
+    model = run.accelerator.unwrap_model(run.model)
+    assert {p.dtype for part in model.frozen_modules() for p in part.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.unet.parameters()} == {torch.float32}
+    assert "should be kept in float32" not in caplog.text

@@ -167,7 +167,8 @@ def _set_up(config: Config) -> _Run:
     model = sync_batchnorm(model, config.model.task, accelerator.num_processes, accelerator.device.type)
     if tc.mixed_precision != "no":
         for part in model.frozen_modules():
-            part.to(torch.bfloat16 if tc.mixed_precision == "bf16" else torch.float16)
+            # not part.to(dtype): diffusers' override warns about float32 modules even when it has none
+            part.bfloat16() if tc.mixed_precision == "bf16" else part.half()
     optimizer, scheduler = build_optimizer(model, model.unet, tc, task=config.model.task)
     if config.data.cache_latents:
         with accelerator.main_process_first():
