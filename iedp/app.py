@@ -304,10 +304,14 @@ def serve(
         server_name=host,
         server_port=port,
         share=share,
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
         show_error=True,
         max_file_size=f"{max(1, max_pixels * 4 // 1_000_000)}mb",
-        quiet=not block,
+        quiet=True,  # Gradio's own lines advise launch(share=True); the CLI's option is --share
         ssr_mode=False,
     )
+    if block:
+        public = f", public link {blocks.share_url}" if blocks.share_url else " (--share adds a public link)"
+        print(f"serving on {blocks.local_url}{public}; Ctrl-C stops", flush=True)
+        blocks.block_thread()
     return blocks

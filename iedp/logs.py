@@ -6,9 +6,11 @@ import logging
 
 
 def quiet_libraries() -> None:
-    """Accelerate's five lines per checkpoint and the "Loading weights" bar transformers draws on every CLIP load
-    (bitsandbytes' import warning is silenced by ``import iedp``)."""
+    """Accelerate's five lines per checkpoint, the line httpx logs for each request Gradio makes to itself in
+    ``iedp serve`` and the "Loading weights" bar transformers draws on every CLIP load (bitsandbytes' import warning
+    is silenced by ``import iedp``)."""
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as transformers_logging
     except ImportError:
