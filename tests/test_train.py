@@ -228,10 +228,16 @@ def test_training_stops_at_the_first_update_that_makes_weights_non_finite(tmp_pa
 def test_mixed_precision_casts_the_frozen_parts_quietly(tmp_path, caplog, monkeypatch):
     """Under bf16 the frozen VAE and CLIP are held in bf16 (the UNet and heads train in fp32 under autocast),
     without diffusers' warning about float32 modules, which AutoencoderKL does not have."""
+    from accelerate.state import AcceleratorState
+
     from iedp.engine.train import _set_up
 
     monkeypatch.setattr(logging.getLogger("diffusers"), "propagate", True)  # diffusers has its own handler
-    run = _set_up(config(tmp_path, "train.mixed_precision=bf16", "train.max_steps=1"))
+    AcceleratorState._reset_state()  # Accelerate keeps one precision per process: the other tests' is "no"
+    try:
+        run = _set_up(config(tmp_path, "train.mixed_precision=bf16", "train.max_steps=1"))
+    finally:
+        AcceleratorState._reset_state()
     model = run.accelerator.unwrap_model(run.model)
     assert {p.dtype for part in model.frozen_modules() for p in part.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.unet.parameters()} == {torch.float32}
