@@ -241,7 +241,9 @@ def kitti_tree(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
         lines.append(f"{rgb} {depth} 721.5377")
     lines.insert(1, f"2011_09_26/{DRIVE}/image_02/data/0000000005.png None 721.5377")
     (tmp_path / "test.txt").write_text("\n".join(lines) + "\n")
-    (tmp_path / "drives.csv").write_text("2011_09_26_drive_0002,residential\n")
+    (tmp_path / "drives.csv").write_text(
+        "drive,category\n2011_09_26_drive_0002,residential\n"
+    )  # header as README
     return raw, annotated, tmp_path / "test.txt", tmp_path / "drives.csv"
 
 

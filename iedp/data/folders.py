@@ -140,7 +140,8 @@ def read_depth(path: Path, scale: float) -> np.ndarray:
 
 
 def read_scene_table(path: Path) -> tuple[dict[str, str], list[str]]:
-    """A two-column CSV ``key,scene`` (a header line ``image,scene`` is allowed): the table and its problems."""
+    """A two-column CSV ``key,scene`` (a header line such as ``image,scene`` or ``drive,category`` is allowed): the
+    table and its problems."""
     if not path.is_file():
         return {}, [f"{path}: scene table not found (data.scenes)"]
     table, problems = {}, []
@@ -151,7 +152,7 @@ def read_scene_table(path: Path) -> tuple[dict[str, str], list[str]]:
                 continue
             if len(row) != 2 or not all(row):
                 problems.append(f"{path}, line {number}: expected 'image,scene', got {','.join(row)!r}")
-            elif number == 1 and row[1].lower() == "scene":
+            elif number == 1 and row[1].lower() in ("scene", "category"):
                 continue
             else:
                 table[row[0]] = row[1]
@@ -165,5 +166,5 @@ def scene_problems(scenes: dict[str, str], known: Sequence[str], where: str) -> 
         return []
     return [
         f"{where}: scene names {', '.join(unknown)} are not in the scene list model.classes "
-        f"({', '.join(known[:10])}{', ...' if len(known) > 10 else ''}); add them to scenes.txt"
+        f"({', '.join(known[:10])}{', ...' if len(known) > 10 else ''}); fix the names or add them to that list"
     ]
