@@ -11,11 +11,12 @@ from PIL import Image
 
 from iedp.cli import main
 from iedp.config import Config, ModelConfig
+from iedp.data.check import check_split
 from iedp.data.images import write_depth_png
 from iedp.engine.evaluate import evaluate_checkpoint
 from iedp.engine.inference import predict_padded, segment, sliding_window, window_starts
 from iedp.errors import InputError
-from iedp.model_files import save_model
+from iedp.model_files import load_model, save_model
 from iedp.models.build import build_model
 from iedp.score import run as score
 
@@ -170,6 +171,16 @@ def test_evaluate_nyu_layout_odd_sizes_and_cli(checkpoints, tmp_path):
     assert main(["evaluate", str(tmp_path / "missing")]) == 2
     with pytest.raises(InputError, match="--multi-scale / eval.multi_scale: segmentation only"):
         evaluate_checkpoint(checkpoints / "depth", multi_scale=True)
+    # the Eigen crop on frames that are not NYUv2's 480x640: refused before evaluating, and listed by data check
+    eigen = [*sets[:-1], "eval.depth_crop=eigen"]
+    with pytest.raises(
+        InputError, match=r"eval.depth_crop=eigen: .* but kitchen_rgb_00000 is \d+x\d+; set eval"
+    ):
+        evaluate_checkpoint(checkpoints / "depth", eigen)
+    config = load_model(checkpoints / "depth", eigen)[1]
+    assert any(
+        "eval.depth_crop=eigen is defined on NYUv2's" in p for p in check_split(config, "val").problems
+    )
 
 
 def test_explicit_oracle_is_evaluated_with_the_sample_prompt():

@@ -1,5 +1,6 @@
 """End-to-end training on the tiny preset and synthetic scenes: checkpoints, exact resume, signals, multi-process."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -242,3 +243,12 @@ def test_mixed_precision_casts_the_frozen_parts_quietly(tmp_path, caplog, monkey
     assert {p.dtype for part in model.frozen_modules() for p in part.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.unet.parameters()} == {torch.float32}
     assert "should be kept in float32" not in caplog.text
+
+
+def test_the_eigen_crop_on_other_frames_is_refused_before_training(tmp_path):
+    """eval.depth_crop=eigen needs NYUv2's 480x640 frames: a run on others stops at once, not at its first evaluation."""
+    run = config(tmp_path / "run", "train.max_steps=2", "train.eval_every=1", task="depth")
+    run = dataclasses.replace(run, eval=dataclasses.replace(run.eval, depth_crop="eigen"))
+    with pytest.raises(InputError, match=r"eval.depth_crop=eigen: .* is 64x64; set eval.depth_crop=none"):
+        train(run)
+    assert not (tmp_path / "run" / "checkpoints").exists()

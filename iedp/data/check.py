@@ -19,6 +19,7 @@ from iedp.config import Config
 from iedp.data.folders import DataProblems
 from iedp.data.images import IGNORE_INDEX
 from iedp.errors import InputError
+from iedp.metrics.depth import EIGEN_CROP_SIZE
 
 
 @dataclass
@@ -73,6 +74,13 @@ def check_split(config: Config, split: str, limit: int | None = None, progress: 
         else:
             _add_depth(report, sample["depth"][0].numpy(), config.model.max_depth)
             report.scenes[sample.get("scene") or "(none)"] += 1
+    if task == "depth" and config.eval.depth_crop == "eigen":
+        other = sorted({f"{h}x{w}" for h, w in report.sizes if (h, w) != EIGEN_CROP_SIZE})
+        if other:
+            report.problems.append(
+                f"maps of {', '.join(other[:5])}: eval.depth_crop=eigen is defined on NYUv2's 480x640 frames only; "
+                "set eval.depth_crop=none (or garg for KITTI)"
+            )
     if report.above_max:
         report.problems.append(
             f"{report.above_max} depth pixels lie beyond model.max_depth={config.model.max_depth} m: the head cannot "

@@ -17,6 +17,7 @@ from iedp.data.images import write_depth_png
 from iedp.engine.data import build_dataset
 from iedp.engine.inference import for_inference, predict_sample, resolve_device, resolve_dtype
 from iedp.errors import InputError
+from iedp.metrics.depth import EIGEN_CROP_SIZE
 from iedp.model_files import load_model
 from iedp.models.iedp import IEDPModel
 from iedp.models.tasks import TASKS
@@ -35,6 +36,20 @@ def save_prediction(prediction: torch.Tensor, name: str, task: str, out_dir: Pat
         Image.fromarray(labels.astype(np.uint8)).save(out_dir / f"{name}.png")
     else:
         write_depth_png(out_dir / f"{name}.png", prediction.cpu().numpy())
+
+
+def check_depth_crop(config: Config, dataset: Dataset) -> None:
+    """``eval.depth_crop=eigen`` is defined on NYUv2's 480x640 frames only: a validation set of other sizes is
+    refused before the work starts, not at its first evaluation (or a training run's, thousands of steps in)."""
+    if config.model.task != "depth" or config.eval.depth_crop != "eigen" or len(dataset) == 0:
+        return
+    sample = dataset[0]
+    size = tuple(sample["depth"].shape[-2:])
+    if size != EIGEN_CROP_SIZE:
+        raise InputError(
+            f"eval.depth_crop=eigen: it is defined on NYUv2's 480x640 frames, but {sample['name']} is "
+            f"{size[0]}x{size[1]}; set eval.depth_crop=none (or garg for KITTI)"
+        )
 
 
 def evaluate_model(
@@ -108,6 +123,7 @@ def evaluate_checkpoint(
     precision = resolve_dtype(dtype, target)
     for_inference(model, target, precision)
     dataset = build_dataset(config, "val")
+    check_depth_crop(config, dataset)
     metrics = evaluate_model(model, dataset, config, accelerator, save_predictions, dtype=precision)
     if accelerator.is_main_process:
         print(format_metrics(metrics, model.task))

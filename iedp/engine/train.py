@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from iedp.config import Config
 from iedp.engine.data import build_dataset, make_loader
-from iedp.engine.evaluate import evaluate_model
+from iedp.engine.evaluate import check_depth_crop, evaluate_model
 from iedp.engine.latents import with_cached_latents
 from iedp.engine.optim import build_optimizer, optimizer_class
 from iedp.engine.train_state import CheckpointManager
@@ -162,6 +162,8 @@ def _set_up(config: Config) -> _Run:
     with accelerator.main_process_first():  # the data first: its problems are found before the weights load
         train_set = build_dataset(config, "train")
         val_set = build_dataset(config, "val") if tc.eval_every > 0 else None
+    if val_set is not None:
+        check_depth_crop(config, val_set)
     set_seed(tc.seed)  # identical initial weights on every rank
     model = build_model(config.model)
     model = sync_batchnorm(model, config.model.task, accelerator.num_processes, accelerator.device.type)
