@@ -129,10 +129,25 @@ def to_rgb(image: ImageInput) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     if isinstance(image, np.ndarray):
         array = image
+        if (
+            array.shape[:2].count(0) == 0
+            and array.ndim >= 2
+            and array.shape[0] * array.shape[1] > max_pixels()
+        ):
+            raise InputError(
+                f"image array is {array.shape[1]}x{array.shape[0]}, above the limit of {max_pixels()} pixels"
+            )
         if array.dtype != np.uint8:
             if not np.issubdtype(array.dtype, np.floating):
                 raise InputError(f"image array: dtype {array.dtype} (expected uint8, or floats in [0, 1])")
-            array = np.round(np.clip(array, 0.0, 1.0) * 255).astype(np.uint8)
+            if not np.isfinite(array).all():
+                raise InputError("image array: holds NaN or infinite values")
+            if array.size and (array.min() < 0 or array.max() > 1):
+                raise InputError(
+                    f"image array: float values span {array.min():g}..{array.max():g}, expected 0..1 "
+                    "(pass uint8 for 0..255, or divide by 255)"
+                )
+            array = np.round(array * 255).astype(np.uint8)
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.ndim == 2:
@@ -293,6 +308,8 @@ class Pipeline:
         return self.predict_one(images, probabilities, attention)
 
     def predict_one(self, image: ImageInput, probabilities: bool = False, attention: bool = False) -> Output:
+        if self.task != "seg" and (probabilities or attention):
+            raise InputError("probabilities and attention: segmentation only; a depth model gives metres")
         rgb = to_rgb(image)
         if self.task == "seg" and not probabilities:  # labels only: bounded memory at any image size
             labels = predict_labels(self.model, rgb, self.config, self.device, self.dtype)

@@ -137,6 +137,22 @@ def test_input_conversion():
     for bad in (np.zeros((4, 4, 5), np.uint8), np.zeros((0, 3, 3), np.uint8), np.zeros((3, 3), np.int32), 42):
         with pytest.raises(InputError):
             to_rgb(bad)
+    # floats outside 0..1 (a 0..255 image cast to float) or non-finite are refused, not clipped to white
+    with pytest.raises(InputError, match=r"float values span 0..255, expected 0..1 \(pass uint8"):
+        to_rgb(np.linspace(0, 255, 12, dtype=np.float32).reshape(2, 2, 3))
+    with pytest.raises(InputError, match="NaN or infinite"):
+        to_rgb(np.full((2, 2, 3), np.nan, np.float32))
+
+
+def test_arrays_meet_the_pixel_limit_and_depth_models_refuse_probabilities(checkpoints, monkeypatch):
+    monkeypatch.setenv("IEDP_MAX_PIXELS", "100")
+    with pytest.raises(InputError, match="image array is 11x10, above the limit of 100 pixels"):
+        to_rgb(np.zeros((10, 11, 3), np.uint8))
+    monkeypatch.delenv("IEDP_MAX_PIXELS")
+    model = iedp.load(checkpoints["depth"], device="cpu")
+    for option in ({"probabilities": True}, {"attention": True}):
+        with pytest.raises(InputError, match="probabilities and attention: segmentation only"):
+            model(np.zeros((8, 8, 3), np.uint8), **option)
 
 
 def test_save_pretrained_round_trip_is_bit_exact_with_model_card(checkpoints, files, tmp_path):
