@@ -175,6 +175,11 @@ class Config:
         for key in ("implicit_queries", "implicit_layers", "implicit_heads"):
             if getattr(self.model, key) < 1:
                 raise InputError(f"model.{key}: {getattr(self.model, key)} must be at least 1")
+        if self.data.depth_scale != DataConfig.depth_scale and self.data.dataset in ("nyu", "kitti"):
+            raise InputError(
+                f"data.depth_scale: data.dataset={self.data.dataset} does not read it (NYUv2 stores millimetres, "
+                "KITTI 1/256 m); it is for custom_depth folders"
+            )
         if self.data.pad_multiple % 64:
             raise InputError(
                 f"data.pad_multiple: {self.data.pad_multiple} is not a multiple of 64 (the UNet needs 1/64 maps)"

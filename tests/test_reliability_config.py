@@ -109,3 +109,11 @@ def test_make_tiny_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
     (tmp_path / "file").write_text("keep")
     assert main(["make-tiny", str(tmp_path / "file")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err and (tmp_path / "file").read_text() == "keep"
+
+
+def test_depth_scale_is_refused_where_the_dataset_fixes_the_units():
+    """Only custom depth folders read data.depth_scale; on NYUv2 or KITTI it would be silently ignored."""
+    for recipe in ("nyu_vpd", "kitti_vpd"):
+        with pytest.raises(InputError, match="data.depth_scale: data.dataset=.* does not read it"):
+            load_config(recipe, ["data.depth_scale=256"])
+    assert load_config("custom_depth_vpd", ["data.depth_scale=256"]).data.depth_scale == 256

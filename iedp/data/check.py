@@ -82,9 +82,11 @@ def check_split(config: Config, split: str, limit: int | None = None, progress: 
                 "set eval.depth_crop=none (or garg for KITTI)"
             )
     if report.above_max:
+        # only custom depth folders have a depth_scale; NYUv2 is millimetres and KITTI 1/256 m by definition
+        scale = " or check data.depth_scale" if config.data.dataset == "custom_depth" else ""
         report.problems.append(
             f"{report.above_max} depth pixels lie beyond model.max_depth={config.model.max_depth} m: the head cannot "
-            "predict them and evaluation ignores them; raise model.max_depth or check data.depth_scale"
+            f"predict them and evaluation ignores them; raise model.max_depth{scale}"
         )
     return report
 
