@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -130,7 +131,7 @@ def test_evaluate_ade20k_odd_sizes_agrees_with_score(checkpoints, tmp_path):
     assert 0 <= metrics["aAcc"] < 100
 
 
-def test_evaluate_nyu_layout_odd_sizes_and_cli(checkpoints, tmp_path):
+def test_evaluate_nyu_layout_odd_sizes_and_cli(checkpoints, tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     root = tmp_path / "nyu"
     lines = []
@@ -171,6 +172,12 @@ def test_evaluate_nyu_layout_odd_sizes_and_cli(checkpoints, tmp_path):
     assert main(["evaluate", str(tmp_path / "missing")]) == 2
     with pytest.raises(InputError, match="--multi-scale / eval.multi_scale: segmentation only"):
         evaluate_checkpoint(checkpoints / "depth", multi_scale=True)
+    # a list file named relative to the working folder (VPD's lists live in its repository, not the data)
+    (tmp_path / "lists").mkdir()
+    shutil.copy(root / "test.txt", tmp_path / "lists" / "vpd_test.txt")
+    monkeypatch.chdir(tmp_path)
+    listed = [*sets[:2], "data.test_list=lists/vpd_test.txt", *sets[3:]]
+    assert evaluate_checkpoint(checkpoints / "depth", listed, json_path="m2.json")["rmse"] == metrics["rmse"]
     # the Eigen crop on frames that are not NYUv2's 480x640: refused before evaluating, and listed by data check
     eigen = [*sets[:-1], "eval.depth_crop=eigen"]
     with pytest.raises(

@@ -30,7 +30,7 @@ def _folder(value: str | None, key: str, dataset: str, must_exist: bool = True) 
     return path
 
 
-def _locate(value: str, root: Path) -> Path:
+def locate(value: str, root: Path) -> Path:
     """A file named in the config: absolute, else relative to the working folder if it is there, else to root."""
     path = Path(value).expanduser()
     return path if path.is_absolute() or path.is_file() else root / path
@@ -64,7 +64,7 @@ def build_folder_dataset(config: Config, split: str, augment: bool) -> Dataset:
         data.root, "data.root", data.dataset, must_exist=data.dataset != "kitti"
     )  # KITTI lists both
     names = load_class_names(model.classes)  # after the root: model.classes=dataset names a file in it
-    scenes = data.scenes if data.scenes in (None, "folder") else _locate(data.scenes, root)
+    scenes = data.scenes if data.scenes in (None, "folder") else locate(data.scenes, root)
     short = config.eval.short_side
     if data.dataset == "custom_seg":
         return CustomSegmentation(
@@ -106,7 +106,7 @@ def build_folder_dataset(config: Config, split: str, augment: bool) -> Dataset:
     return KittiDepth(
         root,
         _folder(data.depth_root, "data.depth_root", "kitti", must_exist=False),
-        _locate(list_file, root),
+        locate(list_file, root),
         augment=augment,
         transform=_depth_transform(config),
         scene_names=names,

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from iedp.classes import load_class_names
 from iedp.config import Config
 from iedp.data.ade20k import ADE20K
-from iedp.data.build import FOLDER_DATASETS, build_folder_dataset
+from iedp.data.build import FOLDER_DATASETS, build_folder_dataset, locate
 from iedp.data.nyu import LIST_FOLDERS, NYUDepthV2
 from iedp.data.synthetic import SyntheticScenes
 from iedp.data.transforms import CUTDEPTH_PROB, DepthTrainTransform, SegTrainTransform
@@ -75,7 +75,7 @@ def build_dataset(config: Config, split: str, augment: bool | None = None) -> Da
     list_file = data.train_list if train else data.test_list
     if not list_file:
         raise InputError(f"data.{'train_list' if train else 'test_list'}: required for data.dataset=nyu")
-    path = Path(list_file) if Path(list_file).is_absolute() else root / list_file
+    path = locate(list_file, root)
     return NYUDepthV2(
         root,
         path,
