@@ -10,6 +10,7 @@ from PIL import Image
 
 from iedp.config import Config, DataConfig, ModelConfig
 from iedp.data.ade20k import ADE20K
+from iedp.data.folders import DataProblems
 from iedp.data.images import check_same_size, read_depth_png, read_label, read_rgb, write_depth_png
 from iedp.data.nyu import LIST_FOLDERS, NYUDepthV2, read_list_file
 from iedp.data.prompts import match_scene, scene_prompt, seg_prompt
@@ -278,6 +279,13 @@ def test_nyu_missing_file(tmp_path):
     list_file.write_text(f"{rgb} {depth}\nkitchen/rgb_00009.jpg kitchen/sync_depth_00009.png\n")
     with pytest.raises(InputError, match=r"nyu_test.txt, line 2: file not found: .*kitchen/rgb_00009.jpg"):
         NYUDepthV2(root, list_file)
+    # every bad line at once, as data check lists them
+    list_file.write_text(
+        f"{rgb} {depth}\nkitchen/rgb_00009.jpg {depth}\na b c d\n{rgb} kitchen/nothing.png\n"
+    )
+    with pytest.raises(DataProblems) as error:
+        NYUDepthV2(root, list_file)
+    assert [p.split(": ")[0].split(", ")[-1] for p in error.value.problems] == ["line 2", "line 3", "line 4"]
 
 
 def test_nyu_8_bit_depth(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from iedp.data.folders import raise_if_problems
 from iedp.data.images import check_same_size, read_depth_png, read_rgb
 from iedp.data.prompts import match_scene
 from iedp.data.samples import depth_sample
@@ -48,29 +49,33 @@ def read_list_file(list_file: str | Path, root: str | Path, folders: Sequence[st
     ``folders`` of ``root`` (:data:`LIST_FOLDERS`: VPD's and BTS's lists are relative to ``sync/`` or
     ``official_splits/test/``), then under ``root``. BTS and VPD training lines start with "/"
     ("/kitchen_0028b/rgb_00045.jpg"); that slash is read as relative too. The focal length column is ignored,
-    blank lines are skipped, and every named file must exist.
+    blank lines are skipped, and every named file must exist: the problems of all lines are raised together
+    (:class:`~iedp.data.folders.DataProblems`).
     """
     list_file, root = Path(list_file), Path(root)
     if not list_file.is_file():
         raise InputError(f"{list_file}: list file not found")
-    entries = []
+    entries, problems = [], []
     for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
         columns = line.split()
         if not columns:
             continue
         if len(columns) not in (2, 3):
-            raise InputError(
+            problems.append(
                 f"{list_file}, line {number}: expected 'rgb depth [focal]' (2 or 3 columns), "
                 f"got {len(columns)}: {line.strip()!r}"
             )
+            continue
         paths = []
         for column in columns[:2]:
             path, tried = _resolve(column, root, folders)
             if path is None:
                 elsewhere = f" (nor {', '.join(map(str, tried[:-1]))})" if len(tried) > 1 else ""
-                raise InputError(f"{list_file}, line {number}: file not found: {tried[-1]}{elsewhere}")
+                problems.append(f"{list_file}, line {number}: file not found: {tried[-1]}{elsewhere}")
             paths.append(path)
-        entries.append(ListEntry(rgb=paths[0], depth=paths[1], line=number))
+        if None not in paths:
+            entries.append(ListEntry(rgb=paths[0], depth=paths[1], line=number))
+    raise_if_problems(f"NYUv2 list {list_file}", problems)
     if not entries:
         raise InputError(f"{list_file}: no entries")
     return entries
