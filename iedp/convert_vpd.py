@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,7 +150,9 @@ def read_vpd_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip nor its legacy format)")
     try:
         # The zip format can be memory-mapped, so a multi-GB file is not read into memory up front.
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        with warnings.catch_warnings():  # torch's three-line note on old pickles, before our one-line verdict
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as error:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if refused or "Weights only load failed" in str(error):
@@ -289,12 +292,13 @@ def convert_vpd(
     layout = LAYOUTS[task]
     state = read_vpd_state(checkpoint)
     logger.info("read %d tensors from %s", len(state), checkpoint)
+    names = load_class_names(layout.classes)
+    _class_tokens(state, checkpoint, task, len(names))  # a wrong file is refused before SD and CLIP load
 
     sd_path, clip_path = resolve_weights(weights, sd, clip)
     unet, vae = load_stable_diffusion(sd_path)
     image_encoder, _, _ = load_clip(clip_path, text=False)
     config = _vpd_config(task, state, weights, sd, clip)
-    names = load_class_names(layout.classes)
     class_tokens = _class_tokens(state, checkpoint, task, len(names), unet.config.cross_attention_dim)
     model = assemble_model(config.model, unet, vae, image_encoder, None, class_tokens.float(), names)
     built = model.state_dict()
@@ -341,9 +345,11 @@ def _vpd_config(task: str, state: dict, weights: str, sd: str | None, clip: str 
     return config_from_dict(tree)
 
 
-def _class_tokens(state: dict, checkpoint: str | Path, task: str, count: int, width: int) -> torch.Tensor:
+def _class_tokens(
+    state: dict, checkpoint: str | Path, task: str, count: int, width: int | None = None
+) -> torch.Tensor:
     """VPD's (C, D) class / scene embeddings; a missing or misshapen tensor is an InputError (naming the other
-    task when the file looks like its checkpoint)."""
+    task when the file looks like its checkpoint). ``width`` None: D is not checked (before the UNet is read)."""
     layout = LAYOUTS[task]
     class_key = _vpd_name("class_tokens", layout.renames)
     class_tokens = state.get(class_key)
@@ -355,10 +361,11 @@ def _class_tokens(state: dict, checkpoint: str | Path, task: str, count: int, wi
             else ""
         )
         raise InputError(f"{checkpoint}: missing {class_key} (VPD's class / scene embeddings){hint}")
-    if tuple(class_tokens.shape) != (count, width):
+    if class_tokens.ndim != 2 or class_tokens.shape[0] != count or width not in (None, class_tokens.shape[1]):
+        expected = f"({count}, {width or 'D'})"
         raise InputError(
-            f"{checkpoint}: {class_key} has shape {tuple(class_tokens.shape)}, expected ({count}, {width}): "
-            f"one {width}-d embedding per {layout.classes} name, in VPD's order"
+            f"{checkpoint}: {class_key} has shape {tuple(class_tokens.shape)}, expected {expected}: "
+            f"one embedding per {layout.classes} name, in VPD's order"
         )
     return class_tokens
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
+import iedp.convert_vpd as convert_module
 from iedp.classes import load_class_names
 from iedp.cli import main
 from iedp.convert_vpd import convert_vpd, read_vpd_state
@@ -369,7 +370,7 @@ def test_depth_checkpoint_converts_with_the_frozen_parts_from_weights(tiny_parts
     assert depth.shape == (2, 1, 64, 64) and torch.isfinite(depth).all()
 
 
-def test_unknown_and_missing_keys_are_listed(tiny_parts, tmp_path):
+def test_unknown_and_missing_keys_are_listed(tiny_parts, tmp_path, monkeypatch):
     folder, unet, vae = tiny_parts
     state, _ = vpd_seg_state(unet, vae)
     path = tmp_path / "vpd.pth"
@@ -387,6 +388,13 @@ def test_unknown_and_missing_keys_are_listed(tiny_parts, tmp_path):
 
     # A segmentation file read as depth: nothing lines up, and the message says how much.
     torch.save({"state_dict": state}, path)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("Stable Diffusion loaded for a file that is refused anyway")
+
+    monkeypatch.setattr(
+        convert_module, "load_stable_diffusion", no_weights
+    )  # refused before the weights load
     with pytest.raises(
         InputError, match=r"missing encoder.class_embeddings.*looks like VPD's seg checkpoint"
     ):
