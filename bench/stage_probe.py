@@ -43,6 +43,7 @@ from iedp.pretrain.text_to_image import Conditioner, denoising_losses, own_capti
 from iedp.pretrain.vae import encode_latents, evaluate_vae, train_vae
 from iedp.weights.loaders import load_clip, load_stable_diffusion
 from iedp.weights.tiny import make_tiny
+from iedp.workers import intra_op_threads
 
 STAGES = ("vae", "unet")
 
@@ -81,12 +82,13 @@ def probe(
         make_tiny(folder, seed=config.seed)
         unet, vae = load_stable_diffusion(folder)
     start = time.perf_counter()
-    if stage == "vae":
-        losses = train_vae(vae, train, config)
-    else:
-        vae = world_vae
-        latents = encode_latents(vae, train, config.unet_resolution)
-        losses = train_unet(unet, latents, vae.config.scaling_factor, train, _conditioner(world), config)
+    with intra_op_threads(1):  # the pre-training's own setting: the same rounding, so the same weights
+        if stage == "vae":
+            losses = train_vae(vae, train, config)
+        else:
+            vae = world_vae
+            latents = encode_latents(vae, train, config.unet_resolution)
+            losses = train_unet(unet, latents, vae.config.scaling_factor, train, _conditioner(world), config)
     seconds = time.perf_counter() - start
     if save is not None:
         stage_unet_build(save, Path(world), config, unet, losses, seconds)
@@ -171,7 +173,7 @@ def main() -> None:
             f"--selection-seed: {args.selection_seed} is the training scenes' data seed; choose another"
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(1)  # the pre-training's own setting: the same rounding, the same weights
+    torch.set_num_threads(1)  # scoring too, as every probe so far was scored
     result = probe(
         args.stage, args.set, args.selection_seed, args.num_selection, args.world, args.score_only, args.save
     )
