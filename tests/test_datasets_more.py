@@ -438,3 +438,19 @@ def test_two_training_steps_on_the_examples(tmp_path, recipe, example, sets):
     assert [point["step"] for point in curve] == [1, 2]  # every evaluation, the last one also in metrics.json
     assert curve[-1] == json.loads((out / "metrics.json").read_text())
     assert "NaN" not in (out / "metrics.jsonl").read_text()  # standard JSON: a class without pixels is null
+
+
+def test_a_run_on_a_relative_root_evaluates_from_anywhere(tmp_path, monkeypatch):
+    """The checkpoint names its data absolutely, so `iedp evaluate run/final` works from another folder."""
+    shutil.copytree(EXAMPLES / "custom_depth", tmp_path / "data")
+    config = yaml.safe_load(packaged_config("custom_depth_vpd").read_text())
+    config["train"]["mixed_precision"] = "no"
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    args = _sets("data.root=data", "train.out=run", *TINY_DEPTH, *TWO_STEPS)
+    assert main(["train", "recipe.yaml", *args]) == 0
+    saved = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert saved["config"]["data"]["root"] == str(tmp_path / "data")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["evaluate", str(tmp_path / "run" / "final")]) == 0

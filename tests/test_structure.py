@@ -189,4 +189,6 @@ def test_library_chatter_is_quieted_below_debug_level() -> None:
     quiet_libraries()
     assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() == logging.ERROR
     assert logging.getLogger("accelerate.checkpointing").getEffectiveLevel() == logging.WARNING
-    assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING  # a line per request of iedp serve
+    assert (
+        logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING
+    )  # a line per request of iedp serve

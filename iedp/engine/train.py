@@ -7,6 +7,7 @@ non-finite loss, backward, clip, step optimizer and lr schedule, then log / chec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -95,6 +96,7 @@ class _Run:
 
 def train(config: Config, resume: str | None = None) -> Path:
     """Train ``config`` into ``config.train.out``; returns the folder of the final model checkpoint."""
+    config = with_absolute_data_paths(config)
     tc = config.train
     run = _set_up(config)
     accelerator, model, checkpoints = run.accelerator, run.model, run.checkpoints
@@ -138,6 +140,22 @@ def train(config: Config, resume: str | None = None) -> Path:
             checkpoints.save(step)
     progress.close()
     return _finish(run, step, tc.max_steps, stop, skipped)
+
+
+def with_absolute_data_paths(config: Config) -> Config:
+    """``config`` with its data folders (``data.root``, ``data.depth_root``) and the files found from the working
+    folder (lists, scene table) made absolute, so that the checkpoints' configs still name them when ``iedp
+    evaluate`` runs from another folder. A file relative to ``data.root`` stays as written: it is found there."""
+    data, changes = config.data, {}
+    for key in ("root", "depth_root"):
+        value = getattr(data, key)
+        if value and Path(value).expanduser().is_dir():
+            changes[key] = str(Path(value).expanduser().resolve())
+    for key in ("train_list", "test_list", "scenes"):
+        value = getattr(data, key)
+        if value and Path(value).expanduser().is_file():
+            changes[key] = str(Path(value).expanduser().resolve())
+    return dataclasses.replace(config, data=dataclasses.replace(data, **changes)) if changes else config
 
 
 def _set_up(config: Config) -> _Run:
