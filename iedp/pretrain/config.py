@@ -48,7 +48,7 @@ class PretrainConfig:
     clip_lr: float = 2e-3
 
     # (c) UNet: latent text-to-image diffusion, epsilon prediction, SD's scaled-linear DDPM schedule
-    unet_steps: int = 7000
+    unet_steps: int = 56000
     unet_batch: int = 16
     unet_lr: float = 2e-3
     unet_resolution: int = 128  # image size whose latents the UNet is trained on (renders are resized)
