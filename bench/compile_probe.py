@@ -64,7 +64,13 @@ def measure(model: IEDPModel, batch: dict, dtype: str, repeats: int) -> dict:
     return {"first_call_s": first, "median_s": median, "images_per_s": len(batch["prompt"]) / median}
 
 
+def write(summary: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compile.json").write_text(json.dumps(summary, indent=2))
+
+
 def run(args: argparse.Namespace) -> dict:
+    """Every variant in turn; compile.json is rewritten after each record, so a run cut short keeps its results."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype_name(resolve_dtype(None, device))  # iedp's default there: bf16 on a GPU or a bf16 CPU
     size = 64 if args.tiny else 512
@@ -82,9 +88,11 @@ def run(args: argparse.Namespace) -> dict:
             for b, batch in batches.items():
                 record = {"variant": variant, "batch_size": b} | measure(model, batch, dtype, args.repeats)
                 summary["records"].append(record)
+                write(summary, args.out_dir)
                 print(json.dumps(record), flush=True)
         except Exception as error:  # noqa: BLE001 - a failing variant is a result; the next one still runs
             summary["records"].append({"variant": variant, "error": f"{type(error).__name__}: {error}"[:500]})
+            write(summary, args.out_dir)
             print(f"{variant}: failed ({type(error).__name__}: {str(error)[:200]})", flush=True)
     return summary
 
@@ -125,8 +133,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny preset at 64×64 (a CPU dry run)")
     args = parser.parse_args(argv)
     summary = run(args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "compile.json").write_text(json.dumps(summary, indent=2))
     table = markdown(summary)
     (args.out_dir / "compile.md").write_text(table + "\n")
     print(table)
