@@ -262,7 +262,7 @@ class AttentionVariants:
             device = next(self.model.parameters()).device
             dtype = resolve_dtype(configuration.dtype, device)
             self.model.to(dtype=resolve_dtype(configuration.weights_dtype or dtype, device))
-            self.vae.enable_slicing() if configuration.vae_slicing else self.vae.disable_slicing()
+            self.backbone.vae_slicing = configuration.vae_slicing
             unet_channels_last = configuration.unet_channels_last
             if unet_channels_last is None:
                 unet_channels_last = default_unet_channels_last(device, dtype)

@@ -71,8 +71,9 @@ class ModelConfig:
     compile_unet: bool = (
         False  # torch.compile the UNet with its read-out hooks, one graph (first call compiles)
     )
-    # The VAE encodes a batch one image at a time: its full-resolution activations were most of an inference's
-    # peak (real size, 512², batch 4, CPU: 0.64 instead of 2.51 GiB above the weights, the same time and latents).
+    # The VAE encodes a batch in slices (one 512² image on a CPU, four on a GPU): its full-resolution activations
+    # were most of an inference's peak (real size, 512², batch 4, CPU: 0.64 instead of 2.51 GiB above the weights,
+    # the same time and latents).
     vae_slicing: bool = True
     cache_dir: str | None = None  # where class-token banks are cached; default $IEDP_CACHE or ~/.cache/iedp
 
@@ -472,7 +473,9 @@ def _dataset_classes(config: Config) -> Config:
     if config.model.classes != DATASET_CLASSES:
         return config
     root = Path(config.data.root or ".").expanduser()
-    root = root.resolve() if root.is_dir() else root  # a checkpoint's config names the file wherever it is read
+    root = (
+        root.resolve() if root.is_dir() else root
+    )  # a checkpoint's config names the file wherever it is read
     if config.data.dataset == "custom_seg":
         classes = str(root / "classes.txt")
     elif config.data.dataset == "custom_depth":

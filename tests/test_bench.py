@@ -219,19 +219,22 @@ def test_vae_slicing_bench_pairs_each_batch(tmp_path):
             "1",
             "--threads",
             "1",
+            "--slices",
+            "0",
+            "1",
             "--json",
             str(out),
         ]
     )
     summary = json.loads(out.read_text())
     records = summary["records"]
-    assert [(r["size"], r["batch"], r["slicing"]) for r in records] == [(32, 2, False), (32, 2, True)]
+    assert [(r["size"], r["batch"], r["slice"]) for r in records] == [(32, 2, 0), (32, 2, 1)]
     assert all(
         r["median_s"] > 0 and len(r["times_s"]) == 1 and r["memory"]["peak_bytes"] > 0 for r in records
     )
     assert records[1]["latents_max_abs_diff"] < 1e-4  # one image at a time encodes to the same latents
     rows = vae_slicing.rows(summary)
-    assert len(rows) == 2 and "| 32² | 2 | yes |" in rows[1] and "max abs diff" in rows[1]
+    assert "| 32² | 2 | all |" in rows[0] and "| 32² | 2 | 1 |" in rows[1] and "max abs diff" in rows[1]
 
 
 def test_peak_memory_floor_is_taken_after_the_first_configuration_casts_its_weights(monkeypatch):

@@ -16,6 +16,25 @@ from torch import nn
 
 from iedp.models.attention import AttentionStore, ClassAttentionProcessor
 
+# Under model.vae_slicing the VAE encoder takes a batch in slices of at most this many pixels, which bounds its
+# full-resolution activations (most of an inference's peak). One 512² image on a CPU, where slicing costs no
+# time; four on a GPU, where one image at a time leaves the chip idle (H200, bf16, batch 16 at 512²: the encoder
+# took 2.0× the whole batch's time one image at a time). BENCHMARKS.md, "VAE slicing".
+VAE_SLICE_PIXELS = {"cpu": 512 * 512}
+VAE_SLICE_PIXELS_ACCELERATOR = 4 * 512 * 512
+
+
+def vae_slice_size(images: torch.Tensor) -> int:
+    """How many of ``images`` (B, 3, H, W) one VAE encoder call takes under ``model.vae_slicing``."""
+    pixels = VAE_SLICE_PIXELS.get(images.device.type, VAE_SLICE_PIXELS_ACCELERATOR)
+    return max(1, pixels // (images.shape[-2] * images.shape[-1]))
+
+
+def encode_in_slices(vae: AutoencoderKL, images: torch.Tensor, slice_size: int | None) -> torch.Tensor:
+    """The VAE posterior mean of ``images``, ``slice_size`` images per encoder call (None: the whole batch)."""
+    slices = images.split(slice_size) if slice_size else (images,)
+    return torch.cat([vae.encode(s).latent_dist.mean for s in slices])
+
 
 @dataclass
 class BackboneOutput:
@@ -58,6 +77,7 @@ class DiffusionBackbone(nn.Module):
         unet.conv_norm_out.requires_grad_(False)
         unet.conv_out.requires_grad_(False)
         self.vae = vae.requires_grad_(False).eval()
+        self.vae_slicing = True  # model.vae_slicing: see VAE_SLICE_PIXELS
         self.latent_scale = latent_scale
         # The VAE encoder's input memory format: None picks channels_last on a CPU, where oneDNN runs the
         # encoder's convolutions faster on it (BENCHMARKS.md, "Our defaults vs VPD's configuration"), and the
@@ -144,11 +164,12 @@ class DiffusionBackbone(nn.Module):
         return self.encoder_channels_last
 
     def _posterior_mean(self, images: torch.Tensor) -> torch.Tensor:
+        slice_size = vae_slice_size(images) if self.vae_slicing else None
         if not self.encoder_uses_channels_last(images.device):
-            return self.vae.encode(images).latent_dist.mean
+            return encode_in_slices(self.vae, images, slice_size)
         # Only the input is reordered (the convolutions follow its format; the weights stay as loaded), and the
         # UNet gets contiguous latents all the same.
-        latents = self.vae.encode(images.contiguous(memory_format=torch.channels_last)).latent_dist.mean
+        latents = encode_in_slices(self.vae, images.contiguous(memory_format=torch.channels_last), slice_size)
         return latents.contiguous()
 
     def compile_encoder(self, **options) -> None:

@@ -31,10 +31,7 @@ def assemble_model(
     )
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if config.vae_slicing:
-        vae.enable_slicing()
-    else:
-        vae.disable_slicing()
+    backbone.vae_slicing = config.vae_slicing
     if config.compile_vae:
         backbone.compile_encoder()
     if config.compile_unet:
