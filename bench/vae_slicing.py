@@ -30,7 +30,7 @@ from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from
 
 from bench.tables import BENCHMARKS, append_rows, machine_label
 from bench.timing import PeakMemory, machine, synchronize
-from iedp.models.backbone import encode_in_slices
+from iedp.models.backbone import in_slices
 from iedp.weights import _SD_V1_ORIGINAL_CONFIG
 
 SECTION = "VAE slicing: the encoder one image at a time (bench/vae_slicing.py)"
@@ -56,7 +56,7 @@ def worker(args: argparse.Namespace) -> dict:
         for _ in range(1 + args.repeats):
             synchronize(device)
             start = time.perf_counter()
-            latents = encode_in_slices(vae, images, args.slice)
+            latents = in_slices(lambda x: vae.encode(x).latent_dist.mean, images, args.slice)
             synchronize(device)
             times.append(time.perf_counter() - start)
             if len(times) == 1:

@@ -8,6 +8,7 @@ output of the last up block, keyed by their stride in the image; class cross-att
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,10 +31,11 @@ def vae_slice_size(images: torch.Tensor) -> int:
     return max(1, pixels // (images.shape[-2] * images.shape[-1]))
 
 
-def encode_in_slices(vae: AutoencoderKL, images: torch.Tensor, slice_size: int | None) -> torch.Tensor:
-    """The VAE posterior mean of ``images``, ``slice_size`` images per encoder call (None: the whole batch)."""
-    slices = images.split(slice_size) if slice_size else (images,)
-    return torch.cat([vae.encode(s).latent_dist.mean for s in slices])
+def in_slices(
+    encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, size: int | None
+) -> torch.Tensor:
+    """``encode`` called on ``size`` images at a time (None: the whole batch at once), the outputs concatenated."""
+    return torch.cat([encode(s) for s in images.split(size)]) if size else encode(images)
 
 
 @dataclass
@@ -164,18 +166,17 @@ class DiffusionBackbone(nn.Module):
         return self.encoder_channels_last
 
     def _posterior_mean(self, images: torch.Tensor) -> torch.Tensor:
-        slice_size = vae_slice_size(images) if self.vae_slicing else None
         if not self.encoder_uses_channels_last(images.device):
-            return encode_in_slices(self.vae, images, slice_size)
+            return self.vae.encode(images).latent_dist.mean
         # Only the input is reordered (the convolutions follow its format; the weights stay as loaded), and the
         # UNet gets contiguous latents all the same.
-        latents = encode_in_slices(self.vae, images.contiguous(memory_format=torch.channels_last), slice_size)
+        latents = self.vae.encode(images.contiguous(memory_format=torch.channels_last)).latent_dist.mean
         return latents.contiguous()
 
     def compile_encoder(self, **options) -> None:
         """torch.compile the frozen VAE encoder, the costliest stage of inference on a GPU (about 1.8× faster
-        on an H100 in bf16); ``options`` go to ``torch.compile``. The modules themselves are untouched, so
-        checkpoints keep their keys."""
+        on an H100 in bf16); ``options`` go to ``torch.compile``. One slice is compiled (under ``vae_slicing``
+        the slices are called in turn), and the modules themselves are untouched, so checkpoints keep their keys."""
         self._encode = torch.compile(self._posterior_mean, **options)
 
     def compile_unet(self, **options) -> None:
@@ -195,7 +196,10 @@ class DiffusionBackbone(nn.Module):
         if H % self.input_multiple or W % self.input_multiple:
             raise ValueError(f"input size {H}x{W} is not divisible by {self.input_multiple}")
         images = images.to(self.vae.dtype)
-        return self._encode(images) * self.latent_scale
+        return (
+            in_slices(self._encode, images, vae_slice_size(images) if self.vae_slicing else None)
+            * self.latent_scale
+        )
 
     def forward(self, latents: torch.Tensor, context: torch.Tensor) -> BackboneOutput:
         """latents (B, 4, h, w), context (B, T, D) with the C class tokens first -> features keyed by stride."""
