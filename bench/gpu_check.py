@@ -250,7 +250,8 @@ def table_rows(summary: dict) -> list[str]:
     for layout in (summary["projection"] or {}).get("layouts", []):
         note = (
             f"ADE20K 80k its × {layout['step_s']:.3f} s = {layout['wall_clock_hours']:.1f} h on "
-            f"{layout['gpus']} GPUs = {layout['gpu_hours']:.1f} GPU-hours ({summary['projection']['assumption']})"
+            f"{layout['gpus']} GPU{'s' if layout['gpus'] > 1 else ''} = {layout['gpu_hours']:.1f} GPU-hours "
+            f"({summary['projection']['assumption']})"
         )
         layout_cell = f"{layout['batch_per_gpu']}×{layout['gpus']}"
         ckpt = "yes" if layout["gradient_checkpointing"] else "no"

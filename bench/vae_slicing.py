@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> dict:
                     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                     record = json.loads(output.strip().splitlines()[-1])
                     records.append({"size": size, "batch": batch, "slice": slice_size, **record})
+                    print(json.dumps(records[-1]), flush=True)  # a run cut short keeps what it measured
                     latents[slice_size] = torch.load(path)
                     if slice_size and 0 in latents:
                         difference = (latents[slice_size] - latents[0]).abs().max().item()
