@@ -14,7 +14,7 @@
 #
 # usage: bash bench/gpu_check.sh OUT_DIR [bench.gpu_check options, e.g. --skip-defaults]
 #   It writes 11 files; where only a few files come back from the GPU machine, write elsewhere and pack them:
-#   bash bench/gpu_check.sh /tmp/gpu && tar czf "$OUT/gpu.tgz" -C /tmp gpu --exclude cache
+#   bash bench/gpu_check.sh /tmp/gpu && tar czf "$OUT/gpu.tgz" --exclude cache -C /tmp gpu
 #   IEDP_BENCH_TINY=1  the tiny preset at 64x64 instead (a dry run that finishes in under a minute on a CPU)
 #
 # iedp is imported from this checkout (no install): the repository root is appended to PYTHONPATH, so
