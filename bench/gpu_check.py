@@ -10,7 +10,8 @@ ViT-L/14 with random weights, ADE20K's 150 classes, ``iedp`` method, our attenti
 - inference (the implicit branch, as at test time) at 512×512, batch 1 and 16, in images/s; at batch 16 also
   the VPD-style attention baseline, for the speed ratio on GPU;
 - one training step (both branches in one 2B UNet call, backward, AdamW) at batch 16, 8 and 2 (8 and 2
-  also with gradient checkpointing); at batch 2 also the baseline;
+  also with gradient checkpointing); at batch 2 also the baseline; last, at batch 16 with the UNet pass compiled
+  (``model.compile_unet``, the compile in the warm-up calls);
 - peak memory of each (``torch.cuda.max_memory_allocated`` after a reset; the weights are included);
 - the projected wall time of the ADE20K recipe (80k iterations at total batch 16, the paper's 8 GPUs × batch 2)
   for each measured per-GPU batch b (16 / b GPUs): 80000 × the batch-b step time, assuming linear DDP scaling
@@ -65,7 +66,12 @@ class Check:
     variant: str = "ours"
 
 
-# in order of what the projection needs most: one GPU with the recipe's whole batch first
+COMPILED = (
+    "ours-compiled"  # ours with the UNet pass under torch.compile (model.compile_unet); it stays compiled
+)
+
+# in order of what the projection needs most: one GPU with the recipe's whole batch first; the compiled UNet last,
+# since it stays compiled and its first calls compile the forward and backward passes (minutes)
 CHECKS = (
     Check("inference", 1),
     Check("inference", 16),
@@ -76,6 +82,7 @@ CHECKS = (
     Check("train", 2, gradient_checkpointing=True),
     Check("inference", 16, variant="baseline"),
     Check("train", 2, variant="baseline"),
+    Check("train", 16, variant=COMPILED),
 )
 
 
@@ -93,7 +100,9 @@ def run_check(
         model.unet.enable_gradient_checkpointing()
     else:
         model.unet.disable_gradient_checkpointing()
-    variants.use(check.variant)
+    if check.variant == COMPILED:
+        model.backbone.compile_unet(backend="eager" if args.tiny else "inductor")  # eager: a CPU dry run
+    variants.use("ours" if check.variant == COMPILED else check.variant)
     batch = make_batch(check.batch_size, size, model.num_classes, device, args.seed)
     memory = PeakMemory(device)
     try:
@@ -170,7 +179,7 @@ def projection(records: list[dict]) -> dict | None:
     (``total / b`` GPUs), from our model's training steps; the layout of fewest GPU-hours first."""
     layouts = []
     for r in records:
-        if r["stage"] != "train" or r["variant"] != "ours" or "median_s" not in r:
+        if r["stage"] != "train" or r["variant"] not in ("ours", COMPILED) or "median_s" not in r:
             continue
         if RECIPE_TOTAL_BATCH % r["batch_size"]:
             continue
@@ -179,6 +188,7 @@ def projection(records: list[dict]) -> dict | None:
         layouts.append(
             {
                 "batch_per_gpu": r["batch_size"],
+                "variant": r["variant"],
                 "gpus": gpus,
                 "step_s": r["median_s"],
                 "gradient_checkpointing": r["gradient_checkpointing"],
@@ -256,7 +266,8 @@ def table_rows(summary: dict) -> list[str]:
         layout_cell = f"{layout['batch_per_gpu']}×{layout['gpus']}"
         ckpt = "yes" if layout["gradient_checkpointing"] else "no"
         rows.append(
-            f"| {summary['date']} | {label} | projection | ours | {layout_cell} | {ckpt} | | | | {note} |"
+            f"| {summary['date']} | {label} | projection | {layout.get('variant', 'ours')} | {layout_cell} | {ckpt} "
+            f"| | | | {note} |"
         )
     return rows
 

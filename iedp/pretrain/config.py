@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 from iedp.errors import InputError
 
-DEFAULT_PRETRAIN_TIME = "60 minutes on two CPU cores with AVX-512, about 4 hours on two with only AVX2"
-"""Wall time of :data:`DEFAULT_CONFIG`'s build: measured on a 2-core AVX512-BF16 EPYC (2026-11-29); the AVX2 figure
-is the per-step times of an earlier build on a 2-core AVX2 EPYC times these step counts."""
+DEFAULT_PRETRAIN_TIME = "about 3.2 hours on two CPU cores with AVX-512, about 10 hours on two with only AVX2"
+"""Wall time of :data:`DEFAULT_CONFIG`'s build: on a 2-core AVX512-BF16 EPYC (2026-11-29) the sum of its critical
+path's stages as measured there (VAE 2,410 s, then the UNet's 56,000 steps alone 8,850 s; CLIP and the classifier
+run beside them); the AVX2 figure is the per-step times of an earlier build on a 2-core AVX2 EPYC times these step
+counts."""
 
 
 @dataclass(frozen=True)
