@@ -71,7 +71,7 @@ class ModelConfig:
     compile_unet: bool = (
         False  # torch.compile the UNet with its read-out hooks, one graph (first call compiles)
     )
-    # The VAE encodes a batch in slices (one 512² image on a CPU, four on a GPU): its full-resolution activations
+    # The VAE encodes a batch in slices (one image on a CPU, four 512² on a GPU): its full-resolution activations
     # were most of an inference's peak (real size, 512², batch 4, CPU: 0.64 instead of 2.51 GiB above the weights,
     # the same time and latents).
     vae_slicing: bool = True

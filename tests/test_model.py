@@ -249,29 +249,29 @@ def test_compiled_unet_pass_reads_out_what_eager_reads_out():
     assert all(torch.equal(grads[n], eager_grads[n]) for n in grads)
 
 
-def test_vae_slicing_encodes_a_batch_in_slices_to_the_same_latents(tmp_path, monkeypatch):
-    """model.vae_slicing (the default) runs the VAE encoder on slices of a batch of at most VAE_SLICE_PIXELS
-    pixels on the device (one 512² image on a CPU, four on a GPU), which bounds its full-resolution activations,
-    and gives the latents of the whole-batch encoder; a checkpoint can turn it off."""
+def test_vae_slicing_encodes_a_batch_in_slices_to_the_same_latents(tmp_path):
+    """model.vae_slicing (the default) runs the VAE encoder on slices of a batch (one image on a CPU, up to four
+    512² images on an accelerator), which bounds its full-resolution activations, and gives the latents of the
+    whole-batch encoder; a checkpoint can turn it off."""
     from iedp.models import backbone
 
     images = torch.zeros(3, 3, 512, 512)
-    assert backbone.vae_slice_size(images) == 1 and backbone.vae_slice_size(images[..., :256, :256]) == 4
-    assert backbone.vae_slice_size(images.to("meta")) == 4  # any accelerator: four 512² images
-    assert backbone.vae_slice_size(torch.zeros(1, 3, 1024, 1024)) == 1  # never fewer than one image
+    assert backbone.vae_slice_size(images) == 1 and backbone.vae_slice_size(images[..., :256, :256]) == 1
+    on_gpu = images.to("meta")  # any accelerator
+    assert backbone.vae_slice_size(on_gpu) == 4 and backbone.vae_slice_size(on_gpu[..., :256, :256]) == 16
+    assert backbone.vae_slice_size(torch.zeros(1, 3, 1024, 1024, device="meta")) == 1  # never fewer than one
     torch.manual_seed(0)
     model = build_model(seg_config())
     images = seg_batch(model)["image"][:1].repeat(3, 1, 1, 1) + torch.linspace(-0.1, 0.1, 3).view(3, 1, 1, 1)
-    monkeypatch.setitem(backbone.VAE_SLICE_PIXELS, "cpu", 2 * images.shape[-2] * images.shape[-1])
     encoder_batches = []
     model.backbone.vae.encoder.conv_in.register_forward_pre_hook(
         lambda _m, args: encoder_batches.append(len(args[0]))
     )
     sliced = model.backbone.encode(images)
-    assert encoder_batches == [2, 1]
+    assert encoder_batches == [1, 1, 1]
     model.backbone.vae_slicing = False
     whole = model.backbone.encode(images)
-    assert encoder_batches[2:] == [3]
+    assert encoder_batches[3:] == [3]
     assert sliced.abs().max() > 0.1 and not torch.equal(sliced[0], sliced[1])
     torch.testing.assert_close(sliced, whole, rtol=1e-4, atol=1e-5)  # float rounding of another batch size
     save_model(model, Config(model=seg_config()), tmp_path / "ckpt")

@@ -327,7 +327,10 @@ def test_gpu_check_projects_the_recipe_per_gpu_batch(monkeypatch):
     assert goals["ade20k_80k_gpu_hours<8"] == {"value": pytest.approx(16.0), "met": False}
     assert gpu_check.projection([step(2, 0.1, variant="baseline")]) is None
     compiled = gpu_check.projection([*records, step(16, 0.3, variant=gpu_check.COMPILED)])
-    assert (compiled["batch_per_gpu"], compiled["variant"]) == (16, gpu_check.COMPILED)  # 6.7 GPU-hours, first
+    assert (compiled["batch_per_gpu"], compiled["variant"]) == (
+        16,
+        gpu_check.COMPILED,
+    )  # 6.7 GPU-hours, first
     assert gpu_check.goals(records, compiled)["ade20k_80k_gpu_hours<8"]["met"]
     summary = {"date": "d", "machine": {"gpu": "H200"}, "records": [], "projection": compiled}
     rows = gpu_check.table_rows(summary)

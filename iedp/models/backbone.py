@@ -17,18 +17,18 @@ from torch import nn
 
 from iedp.models.attention import AttentionStore, ClassAttentionProcessor
 
-# Under model.vae_slicing the VAE encoder takes a batch in slices of at most this many pixels, which bounds its
-# full-resolution activations (most of an inference's peak). One 512² image on a CPU, where slicing costs no
-# time; four on a GPU, where one image at a time leaves the chip idle (H200, bf16, batch 16 at 512²: the encoder
-# took 2.0× the whole batch's time one image at a time). BENCHMARKS.md, "VAE slicing".
-VAE_SLICE_PIXELS = {"cpu": 512 * 512}
-VAE_SLICE_PIXELS_ACCELERATOR = 4 * 512 * 512
+# Under model.vae_slicing the VAE encoder takes a batch in slices, which bounds its full-resolution activations
+# (most of an inference's peak): one image at a time on a CPU, where slicing costs no time, and at most this many
+# pixels (four 512² images) on an accelerator, where one image at a time leaves the chip idle (H200, bf16, batch 16
+# at 512²: the encoder took 2.0× the whole batch's time). BENCHMARKS.md, "VAE slicing".
+VAE_SLICE_PIXELS = 4 * 512 * 512
 
 
 def vae_slice_size(images: torch.Tensor) -> int:
     """How many of ``images`` (B, 3, H, W) one VAE encoder call takes under ``model.vae_slicing``."""
-    pixels = VAE_SLICE_PIXELS.get(images.device.type, VAE_SLICE_PIXELS_ACCELERATOR)
-    return max(1, pixels // (images.shape[-2] * images.shape[-1]))
+    if images.device.type == "cpu":
+        return 1
+    return max(1, VAE_SLICE_PIXELS // (images.shape[-2] * images.shape[-1]))
 
 
 def in_slices(
