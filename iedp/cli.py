@@ -337,7 +337,19 @@ def _add_score(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("task", choices=("seg", "depth"), help="segmentation label maps or depth maps")
     p.add_argument("--pred", type=Path, required=True, help="folder of predictions")
-    p.add_argument("--gt", type=Path, required=True, help="folder of ground truth, same file stems")
+    p.add_argument(
+        "--gt",
+        type=Path,
+        required=True,
+        help="folder of ground truth, same file stems (with --list: the NYUv2 root)",
+    )
+    p.add_argument(
+        "--list",
+        type=Path,
+        default=None,
+        help="depth: an NYUv2 list file ('rgb depth [focal]' lines, as data.test_list) naming the ground truth "
+        "under --gt; predictions are matched as `iedp evaluate --save-predictions` names them (bathroom_rgb_00045)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
     p.add_argument(
         "--num-classes",

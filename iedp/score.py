@@ -2,8 +2,10 @@
 
 Segmentation predictions and labels are 8-bit PNG label maps in the dataset's own convention
 (ADE20K: 1..150 with 0 = other, read with reduce-zero-label). Depth predictions are uint16
-millimetre PNGs or ``.npy`` arrays in metres; ground truth is uint16 millimetre PNGs. The metrics
-are those of :mod:`iedp.metrics` (DESIGN §3).
+millimetre PNGs or ``.npy`` arrays in metres; ground truth is uint16 millimetre PNGs, in a folder or, with
+``--list``, where an NYUv2 list file names them under the NYUv2 root (each matched to the prediction named
+as ``iedp evaluate --save-predictions`` names it: "bathroom_rgb_00045"). The metrics are those of
+:mod:`iedp.metrics` (DESIGN §3).
 """
 
 import argparse
@@ -13,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iedp.data.build import locate
 from iedp.data.images import check_same_size, read_depth_png, read_label
+from iedp.data.nyu import LIST_FOLDERS, read_list_file, sample_name
 from iedp.errors import InputError
 from iedp.metrics.depth import DEPTH_METRICS, EIGEN_CROP_SIZE, DepthMetric
 from iedp.metrics.segmentation import SegmentationMetric
@@ -27,6 +31,9 @@ SHOWN = 5  # classes printed at each end of the table without --all
 
 def run(args: argparse.Namespace) -> int:
     """Score, print a table and the summary, optionally write JSON; 0 on success."""
+    list_file = getattr(args, "list", None)
+    if args.task == "seg" and list_file:
+        raise InputError("--list: only for depth (an NYUv2 list file); seg matches --gt's files by name")
     if args.task == "seg" and not 1 <= args.num_classes <= 255:
         raise InputError(f"--num-classes: {args.num_classes} must be in 1..255 (8-bit label maps)")
     if args.json is not None:
@@ -38,9 +45,8 @@ def run(args: argparse.Namespace) -> int:
         metrics = _score_seg(pairs, args.num_classes, args.reduce_zero_label)
         _print_seg(metrics, len(pairs), show_all=getattr(args, "all", False))
     else:
-        pairs = _match(
-            _list(args.pred, (".png", ".npy"), "prediction"), _list(args.gt, (".png",), "ground-truth"), args
-        )
+        gts = _listed(list_file, args.gt) if list_file else _list(args.gt, (".png",), "ground-truth")
+        pairs = _match(_list(args.pred, (".png", ".npy"), "prediction"), gts, args)
         metrics = _score_depth(pairs, args.crop)
         _print_depth(metrics)
     if args.json is not None:
@@ -66,6 +72,15 @@ def _list(folder: Path, suffixes: tuple[str, ...], role: str) -> dict[str, Path]
     if not files:
         raise InputError(f"{folder}: no {role} files ({' or '.join(suffixes)})")
     return files
+
+
+def _listed(list_file: Path, root: Path) -> dict[str, Path]:
+    """The depth files an NYUv2 list file (in the working folder or ``root``, as ``data.test_list``) names under
+    ``root``, keyed by sample name."""
+    if not root.is_dir():
+        raise InputError(f"{root}: --gt with --list is the NYUv2 root, and this folder was not found")
+    entries = read_list_file(locate(str(list_file), root), root, LIST_FOLDERS["test"])
+    return {sample_name(e.rgb): e.depth for e in entries}
 
 
 def _preview(names: list[str]) -> str:

@@ -132,3 +132,47 @@ def test_score_rejects_bad_prediction_values(tmp_path):
     )
     with pytest.raises(InputError, match=r"pred/a.png: label value 9 outside the allowed range 0\.\.3"):
         score.run(args)
+
+
+def test_score_depth_reads_the_nyu_tree_through_a_list_file(tmp_path):
+    """--list: the ground truth is where an NYUv2 list file names it under the root (--gt), in scene folders
+    (official_splits/test/bathroom/sync_depth_00045.png), and each prediction is found by the name `iedp evaluate
+    --save-predictions` gives it (bathroom_rgb_00045), as the dataset names the sample."""
+    from iedp.data.nyu import NYUDepthV2
+
+    root, pred = tmp_path / "nyu", tmp_path / "pred"
+    pred.mkdir()
+    gt = np.full((480, 640), 2.0)
+    for scene, index in (("bathroom", 45), ("bedroom", 46)):
+        folder = root / "official_splits" / "test" / scene
+        folder.mkdir(parents=True)
+        Image.new("RGB", (640, 480)).save(folder / f"rgb_{index:05d}.jpg")
+        write_depth_png(folder / f"sync_depth_{index:05d}.png", gt)
+    (tmp_path / "test.txt").write_text(
+        "bathroom/rgb_00045.jpg bathroom/sync_depth_00045.png 518.8579\n"
+        "bedroom/rgb_00046.jpg bedroom/sync_depth_00046.png 518.8579\n"
+    )
+    names = [sample["name"] for sample in NYUDepthV2(root, tmp_path / "test.txt")]
+    assert names == ["bathroom_rgb_00045", "bedroom_rgb_00046"]
+    write_depth_png(pred / f"{names[0]}.png", gt)  # perfect
+    write_depth_png(pred / f"{names[1]}.png", np.full((480, 640), 2.5))
+    base = ["depth", "--pred", str(pred), "--gt", str(root), "--list", str(tmp_path / "test.txt")]
+    out = tmp_path / "depth.json"
+    assert score.run(_parse([*base, "--json", str(out)])) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    assert (
+        metrics["count"] == 2
+        and metrics["rmse"] == pytest.approx(0.25)
+        and metrics["d1"] == pytest.approx(0.5)
+    )
+
+    (root / "test.txt").write_text((tmp_path / "test.txt").read_text())
+    assert score.run(_parse([*base[:-1], "test.txt"])) == 0  # a list file under the root, as data.test_list
+
+    (pred / f"{names[1]}.png").unlink()
+    with pytest.raises(InputError, match="1 ground-truth file.* have no prediction: bedroom_rgb_00046"):
+        score.run(_parse(base))
+    with pytest.raises(InputError, match="--list: only for depth"):
+        score.run(_parse(["seg", *base[1:]]))
+    with pytest.raises(InputError, match="elsewhere: --gt with --list is the NYUv2 root"):
+        score.run(_parse([*base[:4], str(tmp_path / "elsewhere"), *base[5:]]))

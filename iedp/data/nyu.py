@@ -81,6 +81,12 @@ def read_list_file(list_file: str | Path, root: str | Path, folders: Sequence[st
     return entries
 
 
+def sample_name(rgb: Path) -> str:
+    """A frame's name, unique across scenes (NYUv2 numbers frames per scene): "bathroom_rgb_00045". Saved
+    predictions (``iedp evaluate --save-predictions``) are named so, and ``iedp score depth --list`` finds them."""
+    return f"{rgb.parent.name}_{rgb.stem}"
+
+
 class NYUDepthV2(Dataset):
     """NYUv2 frames named by a list file, as sample dicts. List paths are resolved by :func:`read_list_file`
     against ``folders`` of ``root`` (``LIST_FOLDERS["test"]`` for the official test list).
@@ -143,4 +149,4 @@ class NYUDepthV2(Dataset):
         image = read_rgb(entry.rgb)
         depth = read_depth_png(entry.depth)
         check_same_size(image, entry.rgb, depth, entry.depth)
-        return depth_sample(self, index, image, depth, f"{entry.rgb.parent.name}_{entry.rgb.stem}")
+        return depth_sample(self, index, image, depth, sample_name(entry.rgb))
