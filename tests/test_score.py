@@ -174,5 +174,8 @@ def test_score_depth_reads_the_nyu_tree_through_a_list_file(tmp_path):
         score.run(_parse(base))
     with pytest.raises(InputError, match="--list: only for depth"):
         score.run(_parse(["seg", *base[1:]]))
+    (tmp_path / "bad.txt").write_text("kitchen/rgb_00001.jpg kitchen/sync_depth_00001.png\n")
+    with pytest.raises(InputError, match="bad.txt, line 1: file not found: .*kitchen/rgb_00001.jpg"):
+        score.run(_parse([*base[:-1], str(tmp_path / "bad.txt")]))
     with pytest.raises(InputError, match="elsewhere: --gt with --list is the NYUv2 root"):
         score.run(_parse([*base[:4], str(tmp_path / "elsewhere"), *base[5:]]))
