@@ -129,11 +129,7 @@ def to_rgb(image: ImageInput) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     if isinstance(image, np.ndarray):
         array = image
-        if (
-            array.shape[:2].count(0) == 0
-            and array.ndim >= 2
-            and array.shape[0] * array.shape[1] > max_pixels()
-        ):
+        if array.ndim >= 2 and array.shape[0] * array.shape[1] > max_pixels():
             raise InputError(
                 f"image array is {array.shape[1]}x{array.shape[0]}, above the limit of {max_pixels()} pixels"
             )

@@ -473,9 +473,8 @@ def _dataset_classes(config: Config) -> Config:
     if config.model.classes != DATASET_CLASSES:
         return config
     root = Path(config.data.root or ".").expanduser()
-    root = (
-        root.resolve() if root.is_dir() else root
-    )  # a checkpoint's config names the file wherever it is read
+    # absolute: a checkpoint's config names the file wherever it is read
+    root = root.resolve() if root.is_dir() else root
     if config.data.dataset == "custom_seg":
         classes = str(root / "classes.txt")
     elif config.data.dataset == "custom_depth":

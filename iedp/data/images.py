@@ -71,9 +71,8 @@ def _open_decoded(path: str | Path) -> tuple[Image.Image, str | None]:
             img.load()
             # EXIF orientation (phone photos are stored sideways with a rotate tag), as viewers and OpenCV apply it
             return ImageOps.exif_transpose(img), img.format
-    except (
-        InputError
-    ):  # the pixel limit above: already one line naming the file (an InputError is a ValueError)
+    # the pixel limit above: already one line naming the file (an InputError is a ValueError)
+    except InputError:
         raise
     except _DECODE_ERRORS as err:
         raise InputError(f"{path}: cannot decode image ({err})") from err

@@ -196,10 +196,8 @@ class DiffusionBackbone(nn.Module):
         if H % self.input_multiple or W % self.input_multiple:
             raise ValueError(f"input size {H}x{W} is not divisible by {self.input_multiple}")
         images = images.to(self.vae.dtype)
-        return (
-            in_slices(self._encode, images, vae_slice_size(images) if self.vae_slicing else None)
-            * self.latent_scale
-        )
+        size = vae_slice_size(images) if self.vae_slicing else None
+        return in_slices(self._encode, images, size) * self.latent_scale
 
     def forward(self, latents: torch.Tensor, context: torch.Tensor) -> BackboneOutput:
         """latents (B, 4, h, w), context (B, T, D) with the C class tokens first -> features keyed by stride."""
